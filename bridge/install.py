@@ -1,0 +1,223 @@
+"""Render and apply install, upgrade and uninstall, each in one transaction.
+
+The SQL itself lives in `sql/`: schema_vN.sql (data tables, applied once per version),
+capture_v1.sql (trigger functions and triggers, replaced on every install), checks.sql
+(pre-install checks and field names) and uninstall.sql.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psycopg
+
+from bridge import sql
+from bridge.config import ActivationRule, Config, TableConfig
+from bridge.errors import DatabaseUnavailable, InstallError
+from bridge.events import QLM_FIELD_NAMES
+
+SCHEMA_VERSION = 1
+# version -> file that brings a database from version-1 to version.
+MIGRATIONS: dict[int, str] = {1: "schema_v1.sql"}
+LOCK_KEY = 0x514C4D42  # 'QLMB': serialises concurrent installs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an install will do: from which schema version, and the SQL that does it."""
+
+    from_version: int | None
+    to_version: int
+    sql: str
+
+
+def _qualified(table: TableConfig) -> str:
+    return f"{sql.quote_ident(table.table_schema)}.{sql.quote_ident(table.table)}"
+
+
+def _array(values: Iterable[str]) -> str:
+    items = ", ".join(sql.quote_literal(v) for v in values)
+    return f"ARRAY[{items}]::text[]"
+
+
+def _condition(rule: ActivationRule) -> str:
+    terms = []
+    for col in rule.increases:
+        c = sql.quote_ident(col)
+        terms.append(f"coalesce(NEW.{c} > OLD.{c}, false)")
+    for col in rule.decreases:
+        c = sql.quote_ident(col)
+        terms.append(f"coalesce(NEW.{c} < OLD.{c}, false)")
+    for col in rule.becomes_set:
+        c = sql.quote_ident(col)
+        terms.append(f"(coalesce(OLD.{c}::text, '') = '' AND coalesce(NEW.{c}::text, '') <> '')")
+    for col in rule.becomes_empty:
+        c = sql.quote_ident(col)
+        terms.append(f"(coalesce(OLD.{c}::text, '') <> '' AND coalesce(NEW.{c}::text, '') = '')")
+    return "(" + " OR ".join(terms) + ")" if terms else "false"
+
+
+def trigger_name(config: Config) -> str:
+    return f"{config.database.schema_name}_capture_v1"[:63]
+
+
+def _checks(config: Config) -> list[str]:
+    blocks = sql.blocks("checks.sql")
+    out = []
+    lic, cus = config.capture.licenses, config.capture.customers
+    for section, table, columns in (
+        ("licenses", lic, {*lic.key, *lic.activation.columns(), *lic.release.columns()}),
+        ("customers", cus, set(cus.key)),
+    ):
+        qualified = sql.quote_literal(_qualified(table))
+        out.append(sql.render(blocks["table_exists"], qualified=qualified, section=section))
+        if columns:
+            out.append(sql.render(blocks["columns_exist"], qualified=qualified, section=section,
+                                  columns=_array(sorted(columns))))
+    return out
+
+
+def _capture(config: Config) -> list[str]:
+    blocks = sql.blocks("capture_v1.sql")
+    schema = sql.quote_ident(config.database.schema_name)
+    channel = sql.quote_literal(config.database.channel)
+    lic = config.capture.licenses
+    out = []
+    for kind, table, func in (
+        ("license", lic, "capture_license_v1"),
+        ("customer", config.capture.customers, "capture_customer_v1"),
+    ):
+        values = {"schema": schema, "func": sql.quote_ident(func), "channel": channel}
+        if kind == "license":
+            values |= {"activated": _condition(lic.activation), "released": _condition(lic.release)}
+        out.append(sql.render(blocks[f"{kind}_function"], **values))
+        out.append(sql.render(blocks["function_privileges"], schema=schema,
+                              func=sql.quote_ident(func)))
+        out.append(sql.render(blocks["trigger"], schema=schema, func=sql.quote_ident(func),
+                              trigger=sql.quote_ident(trigger_name(config)),
+                              table=_qualified(table)))
+    return out
+
+
+def _field_names(config: Config) -> list[str]:
+    blocks = sql.blocks("checks.sql")
+    schema = sql.quote_ident(config.database.schema_name)
+    out = []
+    for kind, table in (("license", config.capture.licenses),
+                        ("customer", config.capture.customers)):
+        out.append(sql.render(blocks["field_map"], schema=schema, kind=sql.quote_literal(kind),
+                              qualified=sql.quote_literal(_qualified(table))))
+    rows = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
+    rows += [(k, c, f) for k, names in config.webhooks.field_names.items() for c, f in names.items()]
+    out.append(sql.render(blocks["field_overrides"], schema=schema,
+                          kinds=_array(r[0] for r in rows), columns=_array(r[1] for r in rows),
+                          fields=_array(r[2] for r in rows)))
+    out.append(sql.render(blocks["runtime"], schema=schema,
+                          capture_modified="true" if config.capture_modified() else "false"))
+    return out
+
+
+def render_install(config: Config, from_version: int | None, sample_schema: bool) -> Plan:
+    """The whole install/upgrade as one SQL script (without BEGIN/COMMIT)."""
+    if from_version is not None and from_version > SCHEMA_VERSION:
+        raise InstallError(
+            f"the bridge schema {config.database.schema_name!r} is at version {from_version}, "
+            f"newer than this qlm-bridge ({SCHEMA_VERSION}); upgrade qlm-bridge"
+        )
+    parts = [f"SELECT pg_advisory_xact_lock({LOCK_KEY});\n"]
+    if sample_schema:
+        parts.append(sql.read("sample_schema.sql"))
+    parts += _checks(config)
+    schema = sql.quote_ident(config.database.schema_name)
+    for version in range(1 if from_version is None else from_version + 1, SCHEMA_VERSION + 1):
+        parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema))
+    parts += _capture(config)
+    parts += _field_names(config)
+    return Plan(from_version, SCHEMA_VERSION, "\n".join(parts))
+
+
+def render_uninstall(config: Config, drop_data: bool,
+                     existing_tables: Iterable[TableConfig] | None = None) -> str:
+    blocks = sql.blocks("uninstall.sql")
+    schema = sql.quote_ident(config.database.schema_name)
+    tables = (list(existing_tables) if existing_tables is not None
+              else [config.capture.licenses, config.capture.customers])
+    parts = [f"SELECT pg_advisory_xact_lock({LOCK_KEY});\n"]
+    parts += [sql.render(blocks["trigger"], trigger=sql.quote_ident(trigger_name(config)),
+                         table=_qualified(t)) for t in tables]
+    parts.append(sql.render(blocks["functions"], schema=schema))
+    if drop_data:
+        parts.append(sql.render(blocks["drop_data"], schema=schema))
+    return "\n".join(parts)
+
+
+def connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[tuple[object, ...]]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=max(1, int(timeout)), autocommit=False)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def current_version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (f"{sql.quote_ident(schema)}.version",))
+        row = cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        cur.execute(f"SELECT max(version) FROM {sql.quote_ident(schema)}.version")
+        got = cur.fetchone()
+        return int(got[0]) if got and got[0] is not None else None
+
+
+def plan(config: Config, sample_schema: bool = False) -> Plan:
+    with connect(config.database.dsn, config.database.connect_timeout) as conn:
+        return render_install(config, current_version(conn, config.database.schema_name),
+                              sample_schema)
+
+
+def _execute_script(conn: psycopg.Connection[tuple[object, ...]], script: str) -> None:
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(script.encode())
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise InstallError(f"insufficient privilege: {_first_line(exc)} (install needs a role "
+                           "that may create the bridge schema and owns the captured tables)"
+                           ) from None
+    except psycopg.Error as exc:
+        message = _first_line(exc)
+        raise InstallError(message.removeprefix("qlm-bridge: ")) from None
+
+
+def install(config: Config, sample_schema: bool = False) -> Plan:
+    """Install or upgrade in one transaction; returns what was done."""
+    with connect(config.database.dsn, config.database.connect_timeout) as conn:
+        conn.autocommit = True
+        the_plan = render_install(config, current_version(conn, config.database.schema_name),
+                                  sample_schema)
+        _execute_script(conn, the_plan.sql)
+        return the_plan
+
+
+def _existing(conn: psycopg.Connection[tuple[object, ...]], config: Config) -> list[TableConfig]:
+    out: list[TableConfig] = []
+    with conn.cursor() as cur:
+        for table in (config.capture.licenses, config.capture.customers):
+            cur.execute("SELECT to_regclass(%s)", (_qualified(table),))
+            row = cur.fetchone()
+            if row and row[0] is not None:
+                out.append(table)
+    return out
+
+
+def uninstall(config: Config, drop_data: bool = False) -> str:
+    with connect(config.database.dsn, config.database.connect_timeout) as conn:
+        conn.autocommit = True
+        script = render_uninstall(config, drop_data, _existing(conn, config))
+        _execute_script(conn, script)
+        return script

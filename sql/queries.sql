@@ -1,0 +1,150 @@
+-- Runtime queries of the daemon and the operator commands, one named block each.
+-- __SCHEMA__ is the quoted bridge schema. $n parameters are asyncpg's.
+-- Time is injectable for tests: coalesce($n::timestamptz, now()).
+
+-- name: fan_out
+-- Turn up to $1 new events into one delivery row per subscribed URL, in one statement.
+-- $2/$3 are parallel arrays (event_type, url) of the config at claim time; $4 = webhooks enabled
+-- (when false, deliveries are recorded as 'skipped', replayable later).
+WITH ev AS (
+    SELECT e.id, e.event_type
+      FROM __SCHEMA__.event e
+     WHERE NOT e.fanned_out
+     ORDER BY e.id
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE __SCHEMA__.event e SET fanned_out = true FROM ev WHERE e.id = ev.id RETURNING e.id
+), subs AS (
+    SELECT s.event_type, s.url FROM unnest($2::text[], $3::text[]) AS s(event_type, url)
+), ins AS (
+    INSERT INTO __SCHEMA__.delivery (event_id, url, state)
+    SELECT ev.id, subs.url, CASE WHEN $4::boolean THEN 'pending' ELSE 'skipped' END
+      FROM ev JOIN subs ON subs.event_type = ev.event_type
+    ON CONFLICT (event_id, url) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM ins) AS deliveries;
+
+-- name: claim
+-- Claim up to $1 due deliveries for owner $2 with a lease of $3 seconds, in one statement.
+-- $4 = URLs with no free slot in this daemon; $5/$6 = (url, free slots) for URLs with some
+-- requests in flight; $7 = slots of an idle URL. Rows locked by another claimer are skipped;
+-- a row whose lease expired is claimable again (a crashed daemon's work is reclaimed).
+WITH cand AS (
+    SELECT d.id, d.url, d.next_attempt_at
+      FROM __SCHEMA__.delivery d
+     WHERE d.state = 'pending'
+       AND d.next_attempt_at <= coalesce($8::timestamptz, now())
+       AND (d.locked_until IS NULL OR d.locked_until < coalesce($8::timestamptz, now()))
+       AND d.url <> ALL ($4::text[])
+     ORDER BY d.next_attempt_at, d.id
+     LIMIT $1 * 4
+), ranked AS (
+    SELECT c.id, c.next_attempt_at,
+           row_number() OVER (PARTITION BY c.url ORDER BY c.next_attempt_at, c.id) AS rn,
+           coalesce(cap.free, $7::int) AS free
+      FROM cand c
+      LEFT JOIN unnest($5::text[], $6::int[]) AS cap(url, free) ON cap.url = c.url
+), pick AS (
+    SELECT r.id FROM ranked r WHERE r.rn <= r.free ORDER BY r.next_attempt_at, r.id LIMIT $1
+), due AS (
+    SELECT d.id
+      FROM __SCHEMA__.delivery d JOIN pick ON pick.id = d.id
+     WHERE d.state = 'pending'
+       AND (d.locked_until IS NULL OR d.locked_until < coalesce($8::timestamptz, now()))
+       FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE __SCHEMA__.delivery d
+   SET locked_by = $2,
+       locked_until = coalesce($8::timestamptz, now()) + make_interval(secs => $3::float8),
+       attempts = d.attempts + 1,
+       updated_at = now()
+  FROM due, __SCHEMA__.event e
+ WHERE d.id = due.id AND e.id = d.event_id
+RETURNING d.id, d.url, d.attempts, e.event_id, e.event_type, e.kind, e.created_at,
+          (SELECT jsonb_object_agg(coalesce(f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
+             FROM jsonb_each(e.row_data) AS j
+             LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
+          )::text AS info,
+          (SELECT jsonb_object_agg(coalesce(f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
+             FROM jsonb_each(e.previous) AS j
+             LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
+          )::text AS previous;
+
+-- name: ack
+-- Record a batch of finished attempts in one round trip: update each delivery (only if this
+-- daemon still holds it at that attempt) and append one attempt_log row per attempt.
+WITH r AS (
+    SELECT *
+      FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
+                  $7::uuid[], $8::text[], $9::text[], $10::timestamptz[], $11::float8[],
+                  $12::text[])
+        AS r(id, attempt, state, next_attempt_at, http_status, error,
+             event_id, event_type, url, started_at, duration_ms, response_body)
+), logged AS (
+    INSERT INTO __SCHEMA__.attempt_log
+        (delivery_id, event_id, event_type, url, attempt, started_at, duration_ms,
+         http_status, error, response_body, daemon_id)
+    SELECT r.id, r.event_id, r.event_type, r.url, r.attempt, r.started_at, r.duration_ms,
+           r.http_status, r.error, r.response_body, $13
+      FROM r
+)
+UPDATE __SCHEMA__.delivery d
+   SET state = r.state,
+       next_attempt_at = coalesce(r.next_attempt_at, d.next_attempt_at),
+       locked_by = NULL,
+       locked_until = NULL,
+       last_status = r.http_status,
+       last_error = r.error,
+       updated_at = now()
+  FROM r
+ WHERE d.id = r.id AND d.attempts = r.attempt AND d.locked_by = $13;
+
+-- name: release
+-- Give back claimed deliveries that were never attempted (graceful shutdown).
+UPDATE __SCHEMA__.delivery d
+   SET locked_by = NULL, locked_until = NULL, attempts = d.attempts - 1, updated_at = now()
+ WHERE d.id = ANY ($1::bigint[]) AND d.locked_by = $2;
+
+-- name: set_sleeping
+UPDATE __SCHEMA__.runtime SET sleeping = $1::boolean
+ WHERE id = 1 AND sleeping IS DISTINCT FROM $1::boolean;
+
+-- name: set_capture_modified
+UPDATE __SCHEMA__.runtime SET capture_modified = $1::boolean
+ WHERE id = 1 AND capture_modified IS DISTINCT FROM $1::boolean;
+
+-- name: current_snapshot
+SELECT pg_current_snapshot()::text;
+
+-- name: snapshot_settled
+-- True once every transaction in progress at snapshot $1 has ended: a writer that read
+-- runtime.sleeping = false before the daemon set it true has committed (or aborted) by then.
+SELECT NOT EXISTS (
+    SELECT 1 FROM pg_snapshot_xip($1::pg_snapshot) AS x(xid)
+     WHERE x.xid IN (SELECT pg_snapshot_xip(pg_current_snapshot()))
+);
+
+-- name: next_due
+-- Seconds until the earliest pending delivery is due (NULL when none is pending).
+SELECT extract(epoch FROM (min(next_attempt_at) - now()))::float8
+  FROM __SCHEMA__.delivery WHERE state = 'pending';
+
+-- name: heartbeat
+INSERT INTO __SCHEMA__.daemon (id, hostname, pid, config_hash)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), config_hash = EXCLUDED.config_hash;
+
+-- name: daemon_gone
+DELETE FROM __SCHEMA__.daemon WHERE id = $1;
+
+-- name: set_field_names
+-- Upsert (kind, column, field) overrides from the config.
+INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name
+ WHERE __SCHEMA__.field_map.field_name IS DISTINCT FROM EXCLUDED.field_name;
+
+-- name: schema_version
+SELECT max(version) FROM __SCHEMA__.version;
