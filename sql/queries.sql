@@ -75,12 +75,13 @@ RETURNING d.id, d.url, d.attempts, e.event_id, e.event_type, e.kind, e.created_a
 -- name: ack
 -- Record a batch of finished attempts in one round trip: update each delivery (only if this
 -- daemon still holds it at that attempt) and append one attempt_log row per attempt.
+-- retry_in: seconds until the next attempt (state 'pending'), NULL otherwise.
 WITH r AS (
     SELECT *
-      FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
+      FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::int[], $6::text[],
                   $7::uuid[], $8::text[], $9::text[], $10::timestamptz[], $11::float8[],
                   $12::text[])
-        AS r(id, attempt, state, next_attempt_at, http_status, error,
+        AS r(id, attempt, state, retry_in, http_status, error,
              event_id, event_type, url, started_at, duration_ms, response_body)
 ), logged AS (
     INSERT INTO __SCHEMA__.attempt_log
@@ -92,7 +93,8 @@ WITH r AS (
 )
 UPDATE __SCHEMA__.delivery d
    SET state = r.state,
-       next_attempt_at = coalesce(r.next_attempt_at, d.next_attempt_at),
+       next_attempt_at = CASE WHEN r.retry_in IS NULL THEN d.next_attempt_at
+                              ELSE now() + make_interval(secs => r.retry_in) END,
        locked_by = NULL,
        locked_until = NULL,
        last_status = r.http_status,
@@ -139,6 +141,10 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), config_hash = EXCLUDED.conf
 -- name: daemon_gone
 DELETE FROM __SCHEMA__.daemon WHERE id = $1;
 
+-- name: other_daemons_alive
+SELECT count(*) FROM __SCHEMA__.daemon
+ WHERE id <> $1 AND heartbeat_at > now() - make_interval(secs => $2::float8);
+
 -- name: set_field_names
 -- Upsert (kind, column, field) overrides from the config.
 INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)
@@ -148,3 +154,9 @@ ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name
 
 -- name: schema_version
 SELECT max(version) FROM __SCHEMA__.version;
+
+-- name: queue_stats
+-- Pending deliveries and the age of the oldest one (seconds), for the metrics gauges.
+SELECT count(*) AS pending,
+       coalesce(extract(epoch FROM now() - min(d.created_at)), 0)::float8 AS oldest
+  FROM __SCHEMA__.delivery d WHERE d.state = 'pending';

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +33,9 @@ class Server:
     embedded: EmbeddedPostgres | None = None
 
     def dsn(self, database: str) -> str:
-        info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
-        info["dbname"] = database
-        return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+        """A URL DSN for `database` on this server (URLs suit both psycopg and asyncpg)."""
+        parts = urlsplit(self.admin_dsn)
+        return urlunsplit(parts._replace(path="/" + database))
 
     def execute(self, statement: str) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:

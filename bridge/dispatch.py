@@ -1,0 +1,144 @@
+"""HTTP delivery: one shared aiohttp session, timeouts, bounded response reads, outcome
+classification. Concurrency limits are the daemon's (it claims only what it can start)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+
+from bridge.config import WebhooksConfig
+from bridge.retry import parse_retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one HTTP invocation came to."""
+
+    ok: bool
+    status: int | None
+    error: str | None
+    response_body: str | None
+    duration_ms: float
+    retry_after: float | None = None
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in range(32) if i not in (9,)}
+_CONTROL[127] = "\\x7f"
+
+
+def sanitize(text: str, limit: int) -> str:
+    """Escape control characters (no log injection) and bound the length."""
+    if len(text) > limit:
+        text = text[:limit] + "…[truncated]"
+    return text.translate(_CONTROL)
+
+
+class BlockedAddress(aiohttp.ClientError):
+    pass
+
+
+def _is_blocked(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                or ip.is_reserved or ip.is_unspecified)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves, then refuses private, loopback and link-local addresses (opt-in guard)."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        infos = await self._inner.resolve(host, port, family)
+        for info in infos:
+            if _is_blocked(info["host"]):
+                raise BlockedAddress(f"{host} resolves to a blocked address {info['host']}")
+        return list(infos)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def ssl_context(cfg: WebhooksConfig) -> ssl.SSLContext:
+    """Certificates are always verified; `ca_bundle` adds a custom CA file."""
+    return ssl.create_default_context(cafile=cfg.ca_bundle) if cfg.ca_bundle else \
+        ssl.create_default_context()
+
+
+class Dispatcher:
+    def __init__(self, cfg: WebhooksConfig) -> None:
+        self.cfg = cfg
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        resolver: AbstractResolver | None = GuardedResolver() if self.cfg.block_private_addresses \
+            else None
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.max_concurrency + 8, limit_per_host=0, ssl=ssl_context(self.cfg),
+            resolver=resolver, keepalive_timeout=30, enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",),
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        assert self._session is not None, "Dispatcher.start() first"
+        limit = self.cfg.max_response_body
+        start = time.perf_counter()
+        try:
+            if self.cfg.block_private_addresses:
+                host = urlsplit(url).hostname or ""
+                if _is_blocked(host):
+                    raise BlockedAddress(f"{host} is a blocked address")
+            async with self._session.post(url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
+                raw = await resp.content.read(limit + 1) if limit else b""
+                status = resp.status
+                text = sanitize(raw.decode("utf-8", "replace"), limit) if raw else None
+                retry_after = parse_retry_after(resp.headers.get("Retry-After")) \
+                    if status in (429, 503) else None
+        except TimeoutError:
+            return self._fail(start, f"timeout after {self.cfg.timeout:g} s")
+        except BlockedAddress as exc:
+            return self._fail(start, f"blocked: {exc}")
+        except aiohttp.ClientError as exc:
+            return self._fail(start, f"{type(exc).__name__}: {exc}")
+        except OSError as exc:
+            return self._fail(start, f"{type(exc).__name__}: {exc}")
+        duration = (time.perf_counter() - start) * 1000
+        ok = 200 <= status < 300
+        error = None if ok else (f"redirect not followed (HTTP {status})"
+                                 if 300 <= status < 400 else f"HTTP {status}")
+        return Outcome(ok, status, error, text, duration, retry_after)
+
+    @staticmethod
+    def _fail(start: float, error: str) -> Outcome:
+        return Outcome(False, None, sanitize(error, 500), None,
+                       (time.perf_counter() - start) * 1000)
+
+
+async def close_quietly(dispatcher: Dispatcher) -> None:
+    try:
+        await asyncio.wait_for(dispatcher.close(), 5)
+    except (TimeoutError, OSError):
+        pass

@@ -1,0 +1,142 @@
+"""Every runtime query the daemon runs (fan-out, claim, ack, log, heartbeat), over asyncpg.
+
+The SQL is in `sql/queries.sql`; this module only binds parameters and shapes results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from bridge import sql
+from bridge.payload import Event
+
+# Failures that mean "the database went away": retry after a back-off, never crash.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionFailureError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """One claimed delivery: which row, to which URL, which attempt, and what to send."""
+
+    id: int
+    url: str
+    attempt: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One finished attempt, ready to acknowledge."""
+
+    claimed: Claimed
+    state: str  # delivered | pending (retry) | failed
+    retry_in: float | None
+    http_status: int | None
+    error: str | None
+    started_at: datetime
+    duration_ms: float
+    response_body: str | None
+
+
+def asyncpg_dsn(dsn: str) -> str:
+    """asyncpg takes URLs only; turn a libpq key=value DSN into one."""
+    if "://" in dsn:
+        return dsn
+    from urllib.parse import quote
+
+    import psycopg
+
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    user = quote(str(info.pop("user", "")), safe="")
+    password = info.pop("password", None)
+    auth = user + (":" + quote(str(password), safe="") if password is not None else "")
+    host = str(info.pop("host", ""))
+    port = info.pop("port", None)
+    netloc = (auth + "@" if auth else "") + (host if "/" not in host else "")
+    if port:
+        netloc += f":{port}"
+    if "/" in host:
+        info["host"] = host
+    db = quote(str(info.pop("dbname", "")), safe="")
+    query = "&".join(f"{k}={quote(str(v), safe='/')}" for k, v in info.items())
+    return f"postgresql://{netloc}/{db}" + (f"?{query}" if query else "")
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, schema: str, owner: str) -> None:
+        self.pool = pool
+        self.q = sql.queries(schema)
+        self.owner = owner
+
+    async def fan_out(self, limit: int, subscriptions: Sequence[tuple[str, str]],
+                      enabled: bool) -> int:
+        row = await self.pool.fetchrow(
+            self.q["fan_out"], limit, [s[0] for s in subscriptions],
+            [s[1] for s in subscriptions], enabled)
+        return int(row["events"]) if row else 0
+
+    async def claim(self, limit: int, lease: float, saturated: Sequence[str],
+                    caps: dict[str, int], idle_cap: int, now: datetime | None = None
+                    ) -> list[Claimed]:
+        rows = await self.pool.fetch(
+            self.q["claim"], limit, self.owner, lease, list(saturated), list(caps),
+            list(caps.values()), idle_cap, now)
+        return [_claimed(r) for r in rows]
+
+    async def ack(self, results: Sequence[Result]) -> None:
+        cols: list[list[Any]] = [[] for _ in range(12)]
+        for r in results:
+            c = r.claimed
+            for i, v in enumerate((c.id, c.attempt, r.state, r.retry_in, r.http_status, r.error,
+                                   c.event.event_id, c.event.event_type, c.url, r.started_at,
+                                   r.duration_ms, r.response_body)):
+                cols[i].append(v)
+        await self.pool.execute(self.q["ack"], *cols, self.owner)
+
+    async def release(self, ids: Sequence[int]) -> None:
+        await self.pool.execute(self.q["release"], list(ids), self.owner)
+
+    async def set_sleeping(self, sleeping: bool) -> None:
+        await self.pool.execute(self.q["set_sleeping"], sleeping)
+
+    async def current_snapshot(self) -> str:
+        return str(await self.pool.fetchval(self.q["current_snapshot"]))
+
+    async def snapshot_settled(self, snapshot: str) -> bool:
+        return bool(await self.pool.fetchval(self.q["snapshot_settled"], snapshot))
+
+    async def heartbeat(self, hostname: str, pid: int, config_hash: str) -> None:
+        await self.pool.execute(self.q["heartbeat"], self.owner, hostname, pid, config_hash)
+
+    async def daemon_gone(self) -> None:
+        await self.pool.execute(self.q["daemon_gone"], self.owner)
+
+    async def other_daemons_alive(self, within: float) -> int:
+        return int(await self.pool.fetchval(self.q["other_daemons_alive"], self.owner, within))
+
+    async def apply_config(self, capture_modified: bool,
+                           field_names: dict[str, dict[str, str]]) -> None:
+        await self.pool.execute(self.q["set_capture_modified"], capture_modified)
+        rows = [(k, c, f) for k, names in field_names.items() for c, f in names.items()]
+        if rows:
+            await self.pool.execute(self.q["set_field_names"], [r[0] for r in rows],
+                                    [r[1] for r in rows], [r[2] for r in rows])
+
+
+def _claimed(r: asyncpg.Record) -> Claimed:
+    event = Event(str(r["event_id"]), r["event_type"], r["created_at"], r["info"] or "{}",
+                  r["previous"])
+    return Claimed(r["id"], r["url"], r["attempts"], event)
