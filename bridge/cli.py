@@ -113,3 +113,190 @@ def run(config_path: str | None) -> None:
 
     cfg = load_config(config_path)
     daemon.main(cfg, config_path)
+
+
+# --- operator commands (status, replay, prune, send-test); the logic is in bridge/ops.py ------
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from bridge import ops
+
+    try:
+        return None if value is None else ops.parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from bridge import ops
+
+    try:
+        return None if value is None else ops.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _live_counter(label: str) -> Callable[[str], None]:
+    """A counter line rewritten in place on a terminal (stderr); silent otherwise."""
+    live = sys.stderr.isatty()
+
+    def show(text: str) -> None:
+        if live:
+            click.echo(f"\r{label}: {text}\x1b[K", err=True, nl=False)
+
+    return show
+
+
+def _end_counter() -> None:
+    if sys.stderr.isatty():
+        click.echo("\r\x1b[K", err=True, nl=False)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@handle_errors
+def status(config_path: str | None, as_json: bool) -> None:
+    """Queue counts per URL and event type, the oldest pending age and the daemons seen.
+
+    PENDING counts every delivery still to do; IN-FLIGHT (claimed by a daemon, lease running)
+    and RETRYING (waiting for another attempt after a failed one) are parts of it.
+    """
+    import json as json_mod
+
+    from bridge import ops
+
+    cfg = load_config(config_path)
+    report = ops.status(cfg.database.dsn, cfg)
+    if as_json:
+        click.echo(json_mod.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(ops.format_status(report))
+
+
+@main.command()
+@config_option
+@click.option("--event-id", "event_ids", type=click.UUID, multiple=True, metavar="UUID",
+              help="Replay this event (repeatable); also creates deliveries for URLs "
+                   "configured now that the event never had.")
+@click.option("--url", "urls", multiple=True, metavar="URL",
+              help="Only deliveries to this URL (repeatable).")
+@click.option("--event-type", "event_types", multiple=True, metavar="TYPE",
+              help="Only events of this type (repeatable).")
+@click.option("--failed-since", "since", callback=_since, metavar="TIME",
+              help="Only deliveries that failed (were last updated) since TIME: ISO-8601 "
+                   "(2026-01-31T12:00:00Z) or a duration ago (30m, 2h, 7d).")
+@click.option("--all-states", is_flag=True,
+              help="Also replay deliveries that succeeded (default: failed and skipped only).")
+@click.option("--all", "everything", is_flag=True,
+              help="Replay every failed and skipped delivery (needed when no filter is given).")
+@handle_errors
+def replay(config_path: str | None, event_ids: tuple[Any, ...], urls: tuple[str, ...],
+           event_types: tuple[str, ...], since: Any, all_states: bool, everything: bool) -> None:
+    """Re-queue failed and skipped deliveries (due now, attempts reset) for the daemon."""
+    from bridge import ops
+
+    selection = ops.ReplayFilter(tuple(event_ids), urls, event_types, since, all_states)
+    if selection.is_empty() and not everything:
+        raise click.UsageError("say what to replay: --event-id, --url, --event-type, "
+                               "--failed-since, or --all for every failed/skipped delivery")
+    cfg = load_config(config_path)
+    show = _live_counter("queued")
+    seen = 0
+
+    def progress(n: int) -> None:
+        nonlocal seen
+        seen += n
+        show(str(seen))
+
+    result = ops.replay(cfg.database.dsn, cfg, selection, progress=progress)
+    _end_counter()
+    for missing in result.unknown_event_ids:
+        click.echo(f"warning: no event with id {missing}", err=True)
+    if result.queued and not cfg.webhooks.enabled:
+        click.echo("note: webhooks.enabled is false in this config; a daemon running with it "
+                   "sends nothing", err=True)
+    extra = (f" ({result.created} new for URLs configured now)" if result.created else "")
+    click.echo(f"queued {result.queued} deliver{'y' if result.queued == 1 else 'ies'}{extra}")
+
+
+@main.command()
+@config_option
+@click.option("--older-than", callback=_duration, metavar="DURATION",
+              help="Delete settled events older than this (e.g. 7d; default "
+                   "retention.delivered_days).")
+@click.option("--logs-older-than", callback=_duration, metavar="DURATION",
+              help="Delete attempt_log rows older than this (default retention.log_days).")
+@handle_errors
+def prune(config_path: str | None, older_than: float | None,
+          logs_older_than: float | None) -> None:
+    """Delete delivered/skipped events and old log rows, in small batches (writers never wait).
+
+    Events with a pending or failed delivery are kept, whatever their age.
+    """
+    from bridge import ops
+
+    cfg = load_config(config_path)
+    show = _live_counter("pruned")
+
+    def progress(p: ops.PruneProgress) -> None:
+        show(f"{p.events} events, {p.logs} log rows")
+
+    events, logs = ops.prune_once(cfg.database.dsn, cfg, older_than=older_than,
+                                  logs_older_than=logs_older_than, progress=progress)
+    _end_counter()
+    click.echo(f"pruned {events} event{'s' if events != 1 else ''} and {logs} log "
+               f"row{'s' if logs != 1 else ''}")
+
+
+@main.command("send-test")
+@config_option
+@click.argument("url", required=False)
+@click.option("--event", "event_type", metavar="TYPE",
+              help="Event type of the sample (default license_activated); without URL, send to "
+                   "every URL configured for it.")
+@handle_errors
+def send_test(config_path: str | None, url: str | None, event_type: str | None) -> None:
+    """POST a signed sample event to URL and print status, latency and response.
+
+    Checks a receiver before going live: exit 0 when every answer is 2xx, else 1. Redirects are
+    not followed. Signed with webhooks.secret_key and sent with the header X-QLM-Test: 1.
+    """
+    from bridge import ops
+
+    if url is None and event_type is None:
+        raise click.UsageError("give a URL, or --event TYPE to test the URLs configured for it")
+    cfg = load_config(config_path)
+    kind = event_type or "license_activated"
+    urls: tuple[str, ...] = (url,) if url else ops.targets_for(cfg, kind)
+    if not urls:
+        raise config_mod.ConfigError(f"no URL is configured for {kind!r} (webhooks.events)")
+    if not cfg.webhooks.secret_key:
+        click.echo("note: webhooks.secret_key is not set; the request is unsigned", err=True)
+    results = ops.send_test(urls, kind, cfg)
+    for result in results:
+        click.echo(ops.format_send_result(result))
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--dsn", metavar="DSN", envvar="QLM_BRIDGE_DEMO_DSN",
+              help="Run against this existing database instead of an embedded PostgreSQL (the "
+                   "demo works in schemas qlm_bridge_demo and qlm_bridge_demo_data there and "
+                   "drops them afterwards).")
+@click.option("--keep", is_flag=True,
+              help="Leave the database, receiver and daemon running until Ctrl-C.")
+@click.option("--bodies", "show_bodies", is_flag=True, help="Also print each request body.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              metavar="SECONDS", help="Give up (exit 1) if the demo has not finished by then.")
+@handle_errors
+def demo(dsn: str | None, keep: bool, show_bodies: bool, timeout: float) -> None:
+    """Run the whole bridge locally: database, receiver, daemon, seven events.
+
+    Needs no database server: an embedded PostgreSQL is started and removed afterwards. Exit 0
+    when every event was delivered with a valid X-QLM-Signature, else 1.
+    """
+    from bridge import demo as demo_mod
+
+    demo_mod.run(demo_mod.Options(dsn, keep, timeout, show_bodies), click.echo)

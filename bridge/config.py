@@ -7,27 +7,32 @@ string value before validation.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
+import psycopg
 import yaml
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError as ConfigError
 from bridge.events import ALL_EVENTS
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -35,7 +40,23 @@ _IDENT_MAX = 63
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML's `true` would otherwise pass as 1 for an int field.
+        if (isinstance(value, bool) and info.field_name is not None
+                and cls.model_fields[info.field_name].annotation in (int, float)):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+
+def check_url(url: str) -> str:
+    """A webhook URL as the bridge accepts it (http/https, a host, no credentials or spaces)."""
+    return _check_url(url)
 
 
 def _check_url(url: str) -> str:
@@ -72,8 +93,57 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points, for messages: ``host:port database 'x' as 'u'``, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the configured database"
+    host = str(info.get("host") or info.get("hostaddr") or os.environ.get("PGHOST") or "")
+    port = str(info.get("port") or os.environ.get("PGPORT") or "5432")
+    hosts = host.split(",") if host else ["local socket"]
+    ports = port.split(",")
+    places = [f"{h}:{ports[i] if i < len(ports) else ports[-1]}" for i, h in enumerate(hosts)]
+    out = ", ".join(places)
+    if info.get("dbname"):
+        out += f" database {info['dbname']!r}"
+    if info.get("user"):
+        out += f" as {info['user']!r}"
+    return out
+
+
+def _check_dsn(dsn: str) -> str:
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"is not a valid PostgreSQL connection string ({reason})") from None
+    for port in str(info.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"has an invalid port {port!r}")
+    return dsn
+
+
+def _check_event_name(name: str) -> str:
+    if name not in ALL_EVENTS:
+        close = difflib.get_close_matches(name, ALL_EVENTS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown event {name!r}; {hint}known: {', '.join(ALL_EVENTS)}")
+    return name
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("license", "customer"):
+        raise ValueError(f"must be 'license' or 'customer', not {kind!r}")
+    return kind
+
+
+EventName = Annotated[str, AfterValidator(_check_event_name)]
+Url = Annotated[str, AfterValidator(_check_url)]
+
+
 class DatabaseConfig(_Model):
-    dsn: str = Field(min_length=1)
+    dsn: Annotated[str, AfterValidator(_check_dsn)] = Field(min_length=1)
     schema_name: str = Field(
         default="qlm_bridge",
         min_length=1,
@@ -109,8 +179,8 @@ class WebhooksConfig(_Model):
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
-    events: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    field_names: dict[Literal["license", "customer"], dict[str, str]] = Field(
+    events: dict[EventName, tuple[Url, ...]] = Field(default_factory=dict)
+    field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict
     )
 
@@ -124,6 +194,8 @@ class WebhooksConfig(_Model):
     @field_validator("events", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
+        if value is None:
+            return {}
         if not isinstance(value, Mapping):
             return value
         out: dict[str, Any] = {}
@@ -138,25 +210,9 @@ class WebhooksConfig(_Model):
 
     @field_validator("events")
     @classmethod
-    def _check_events(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-        errors = []
-        checked: dict[str, tuple[str, ...]] = {}
-        for event, urls in value.items():
-            if event not in ALL_EVENTS:
-                errors.append(
-                    f"unknown event {event!r} (known: {', '.join(ALL_EVENTS)})"
-                )
-                continue
-            good = []
-            for url in urls:
-                try:
-                    good.append(_check_url(url))
-                except ValueError as exc:
-                    errors.append(f"{event}: {exc}")
-            checked[event] = tuple(dict.fromkeys(good))
-        if errors:
-            raise ValueError("; ".join(errors))
-        return checked
+    def _dedup_urls(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        # Names and URLs are checked one by one (EventName, Url), so each error has its path.
+        return {event: tuple(dict.fromkeys(urls)) for event, urls in value.items()}
 
     def subscriptions(self) -> list[tuple[str, str]]:
         """(event_type, url) pairs, in config order."""
@@ -239,7 +295,7 @@ class ObserveConfig(_Model):
     def _check_listen(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        host, sep, port = value.rpartition(":")
+        _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} must be HOST:PORT, e.g. 127.0.0.1:9187")
         return value
@@ -264,7 +320,8 @@ class Config(_Model):
         if self.daemon.lease <= self.webhooks.timeout:
             raise ValueError(
                 f"daemon.lease ({self.daemon.lease:g} s) must be longer than webhooks.timeout "
-                f"({self.webhooks.timeout:g} s), or other daemons would redeliver in-flight requests"
+                f"({self.webhooks.timeout:g} s), or other daemons would redeliver in-flight "
+                "requests"
             )
         return self
 
@@ -280,8 +337,13 @@ class Config(_Model):
 # --- loading -------------------------------------------------------------------------------
 
 
-def expand_env(value: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
-    """Expand ${VAR} / ${VAR:-default} in every string of a parsed YAML tree."""
+def expand_env(value: Any, env: Mapping[str, str], path: str, errors: list[str],
+               failed_paths: set[str] | None = None) -> Any:
+    """Expand ${VAR} / ${VAR:-default} in every string of a parsed YAML tree.
+
+    Each unset variable without a default appends ``"path: message"`` to `errors` (and the path
+    to `failed_paths`, so validation does not report the same key again).
+    """
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
@@ -290,17 +352,78 @@ def expand_env(value: Any, env: Mapping[str, str], path: str, errors: list[str])
                 return env[name]
             if default is not None:
                 return default
-            errors.append(f"{path or '<root>'}: environment variable ${{{name}}} is not set "
+            where = path or "<root>"
+            errors.append(f"{where}: environment variable ${{{name}}} is not set "
                           "and has no default (write ${" + name + ":-default})")
+            if failed_paths is not None:
+                failed_paths.add(where)
             return ""
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k), errors)
+        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k), errors, failed_paths)
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return [expand_env(v, env, f"{path}[{i}]", errors, failed_paths)
+                for i, v in enumerate(value)]
     return value
+
+
+def _keys_of(name: str, field: FieldInfo) -> list[str]:
+    """The YAML keys a field accepts: its name and its aliases (QLM's setting names)."""
+    keys = [name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        keys += [c for c in alias.choices if isinstance(c, str) and c not in keys]
+    elif isinstance(alias, str) and alias not in keys:
+        keys.append(alias)
+    return keys
+
+
+def _section_model(annotation: Any) -> type[_Model] | None:
+    if isinstance(annotation, type) and issubclass(annotation, _Model):
+        return annotation
+    for arg in get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, _Model):
+            return arg
+    return None
+
+
+def _prepare(model: type[_Model], data: Any, path: str, errors: list[str]) -> Any:
+    """Before validation: an empty section (``webhooks:``) means defaults, and a key set both
+    under its name and under its QLM alias is an error rather than a silent pick."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        present = [k for k in _keys_of(name, field) if k in out]
+        if len(present) > 1:
+            errors.append(f"{path}{present[1]}: the same setting as {path}{present[0]}; "
+                          "keep one of them")
+            for key in present[1:]:
+                del out[key]
+        section = _section_model(field.annotation)
+        if present and section is not None:
+            key = present[0]
+            if out[key] is None:
+                out[key] = {}
+            out[key] = _prepare(section, out[key], f"{path}{key}.", errors)
+    return out
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[_Model] | None:
+    """The config model a validation error's location points into (for spelling hints)."""
+    model: type[_Model] | None = Config
+    for part in loc:
+        if model is None or not isinstance(part, str):
+            return None
+        found = None
+        for name, field in model.model_fields.items():
+            if part in _keys_of(name, field):
+                found = _section_model(field.annotation)
+                break
+        model = found
+    return model
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -308,42 +431,105 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif part != "[key]":
             out += ("." if out else "") + str(part)
     return out or "<root>"
 
 
-def _format_validation(exc: ValidationError) -> list[str]:
+_TYPE_NAMES = {"dict": "mapping", "list": "list", "str": "string", "int": "integer",
+               "float": "number", "bool": "boolean", "NoneType": "nothing (null)"}
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    known: list[str] = []
+    model = _model_at(loc[:-1])
+    if model is not None:
+        for name, field in model.model_fields.items():
+            known += _keys_of(name, field)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}see config.example.yaml"
+
+
+def _message(err: Any, loc: tuple[int | str, ...]) -> str:
+    kind, msg = str(err["type"]), str(err["msg"])
+    got = _TYPE_NAMES.get(type(err.get("input")).__name__, type(err.get("input")).__name__)
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "missing":
+        return "is required"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"must be a mapping of keys (got {got})"
+    if kind in ("tuple_type", "list_type") and loc[:2] == ("webhooks", "events"):
+        return f"must be a URL, URLs separated by ';', or a list of URLs (got {got})"
+    if kind in ("tuple_type", "list_type"):
+        return f"must be a list (got {got})"
+    if kind == "string_type":
+        return f"must be a string (got {got})"
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return msg.replace("Input should be", "must be").replace("Input", "value")
+
+
+def _format_validation(exc: ValidationError, skip: set[str] | None = None) -> list[str]:
     lines = []
-    for err in exc.errors(include_url=False, include_input=False):
+    # The input is used for its type name only: values (the secret!) never reach a message.
+    for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see config.example.yaml)"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        lines.append(f"{_loc(loc)}: {msg}")
+        where = _loc(loc)
+        if skip and where in skip:
+            continue
+        msg = _message(err, loc)
+        lines.append(msg if not loc else f"{where}: {msg}")
     return lines
 
 
 def parse(data: Any, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-parsed YAML document."""
+    """Validate an already-parsed YAML document; every problem is reported in one ConfigError."""
     if data is None:
         raise ConfigError(f"{source}: the file is empty; it needs at least database.dsn")
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys, not "
-                          f"{type(data).__name__}")
+        got = _TYPE_NAMES.get(type(data).__name__, type(data).__name__)
+        raise ConfigError(f"{source}: the top level must be a mapping of keys "
+                          f"(database:, webhooks:, ...), not a {got}")
     errors: list[str] = []
-    expanded = expand_env(data, os.environ if env is None else env, "", errors)
+    env_failed: set[str] = set()
+    expanded = expand_env(data, os.environ if env is None else env, "", errors, env_failed)
+    prepared = _prepare(Config, expanded, "", errors)
     try:
-        config = Config.model_validate(expanded)
+        config = Config.model_validate(prepared)
     except ValidationError as exc:
-        errors.extend(_format_validation(exc))
+        errors.extend(_format_validation(exc, env_failed))
         config = None
     if errors or config is None:
         detail = "\n".join(f"  - {e}" for e in errors)
-        raise ConfigError(f"{source}: invalid configuration:\n{detail}")
+        count = f"{len(errors)} problem{'s' if len(errors) != 1 else ''}"
+        raise ConfigError(f"{source}: invalid configuration ({count}):\n{detail}")
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it
+        if first != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {first + 1})",
+                key_node.start_mark)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_mapping)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -353,13 +539,19 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{p}:{where}: YAML syntax error: {problem}") from None
+        context = getattr(exc, "context", None)
+        ctx_mark = getattr(exc, "context_mark", None)
+        if context and ctx_mark is not None:
+            problem += f" ({context} started on line {ctx_mark.line + 1})"
+        raise ConfigError(f"{p}:{where} YAML syntax error: {problem}") from None
     return parse(data, str(p), env)

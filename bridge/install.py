@@ -153,10 +153,20 @@ def render_uninstall(config: Config, drop_data: bool,
 
 
 def connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[tuple[object, ...]]:
+    """Connect, or raise DatabaseUnavailable naming host and port (never the password)."""
+    from bridge.config import ConfigError, describe_dsn
+
     try:
         return psycopg.connect(dsn, connect_timeout=max(1, int(timeout)), autocommit=False)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise DatabaseUnavailable(
+            f"cannot connect to the database at {describe_dsn(dsn)} (database.dsn): "
+            f"{reason or type(exc).__name__}"
+        ) from None
+    except psycopg.ProgrammingError as exc:  # a DSN that libpq cannot parse
+        raise ConfigError(f"database.dsn: not a valid connection string: {_first_line(exc)}"
+                          ) from None
 
 
 def _first_line(exc: BaseException) -> str:

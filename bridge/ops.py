@@ -1,0 +1,467 @@
+"""The operator's commands: status, replay, prune and send-test.
+
+One-shot commands on a short-lived psycopg connection (autocommit: every statement is its own
+short transaction). The SQL is in `sql/ops.sql`; time is injectable (`now=`) so tests need no
+sleeps. `prune_once` is also what the daemon runs on its schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import psycopg
+
+from bridge import install, sql
+from bridge.config import Config, check_url, redact_url
+from bridge.errors import BridgeError, ConfigError
+from bridge.events import ALL_EVENTS, kind_of
+from bridge.payload import Event, body, headers
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+Progress = Callable[[int], None]
+
+REPLAY_BATCH = 5000
+RESPONSE_SHOWN = 500  # characters of the response body send-test prints
+
+
+# --- plumbing --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _queries(schema: str) -> dict[str, str]:
+    return {name: sql.render(text, schema=sql.quote_ident(schema))
+            for name, text in sql.blocks("ops.sql").items()}
+
+
+@contextmanager
+def _connection(conn_or_dsn: Conn | str, config: Config) -> Iterator[Conn]:
+    """Use the caller's connection, or open (and close) one from a DSN."""
+    if not isinstance(conn_or_dsn, str):
+        yield conn_or_dsn
+        return
+    conn = install.connect(conn_or_dsn, config.database.connect_timeout)
+    try:
+        conn.autocommit = True
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _session(conn_or_dsn: Conn | str, config: Config) -> Iterator[tuple[Conn, dict[str, str]]]:
+    """A connection and the rendered queries, after checking that the bridge is installed;
+    database errors become one clear BridgeError."""
+    schema = config.database.schema_name
+    q = _queries(schema)
+    try:
+        with _connection(conn_or_dsn, config) as conn:
+            row = conn.execute(q["installed"],
+                               {"qualified": f"{sql.quote_ident(schema)}.delivery"}).fetchone()
+            if not row or not row[0]:
+                raise BridgeError(f"the bridge schema {schema!r} is not installed in this "
+                                  "database; run `qlm-bridge install` first")
+            yield conn, q
+    except psycopg.Error as exc:
+        text = str(exc).strip()
+        raise BridgeError(f"database error: {text.splitlines()[0] if text else exc!r}") from None
+
+
+# --- durations and times ---------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``15m``, ``2h``, ``7d``, ``1w`` or combinations (``1h30m``)."""
+    compact = text.strip().lower().replace(" ", "")
+    if not compact:
+        raise ValueError("empty duration")
+    if re.fullmatch(r"\d+(\.\d+)?", compact):
+        raise ValueError(f"{text!r} needs a unit: s, m, h, d or w (e.g. 2h, 7d)")
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(compact):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(compact):
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 2h, 7d or 1h30m")
+    return total
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """An ISO-8601 time (local time zone when none is given) or a duration ago (``2h``)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO time (2026-01-31T12:00:00Z) nor a "
+                         "duration ago (2h, 7d)") from None
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    url: str
+    event_type: str
+    pending: int
+    in_flight: int
+    retrying: int
+    failed: int
+    skipped: int
+    delivered: int
+
+
+COUNTS = ("pending", "in_flight", "retrying", "failed", "skipped", "delivered")
+
+
+@dataclass(frozen=True)
+class DaemonRow:
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age: float
+    config_hash: str | None
+    stale: bool
+
+
+@dataclass(frozen=True)
+class Status:
+    now: datetime
+    deliveries: tuple[StatusRow, ...]
+    unfanned_events: int
+    oldest_pending_age: float | None
+    daemons: tuple[DaemonRow, ...]
+
+    def totals(self) -> dict[str, int]:
+        return {c: sum(getattr(r, c) for r in self.deliveries) for c in COUNTS}
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["now"] = self.now.isoformat()
+        for d in out["daemons"]:
+            d["started_at"] = d["started_at"].isoformat()
+            d["heartbeat_at"] = d["heartbeat_at"].isoformat()
+        out["totals"] = self.totals()
+        return out
+
+
+def status(conn_or_dsn: Conn | str, config: Config, now: datetime | None = None) -> Status:
+    """Queue counts per URL and event type, the fan-out backlog, the oldest wait, the daemons."""
+    params = {"now": now}
+    stale_after = max(3 * config.daemon.heartbeat_interval, 15.0)
+    with _session(conn_or_dsn, config) as (conn, q):
+        rows = tuple(StatusRow(redact_url(r[0]), r[1], *(int(v) for v in r[2:]))
+                     for r in conn.execute(q["status_deliveries"], params).fetchall())
+        summary = conn.execute(q["status_summary"], params).fetchone()
+        daemons = tuple(
+            DaemonRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], float(r[5]) > stale_after)
+            for r in conn.execute(q["status_daemons"], params).fetchall())
+    assert summary is not None
+    return Status(summary[2], rows, int(summary[0]), summary[1], daemons)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    out = []
+    for row in (header, *rows):
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def format_status(report: Status) -> str:
+    lines = [f"qlm-bridge status at {report.now.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC", ""]
+    header = ["URL", "EVENT", "PENDING", "IN-FLIGHT", "RETRYING", "FAILED", "SKIPPED",
+              "DELIVERED"]
+    right = set(range(2, 8))
+    if report.deliveries:
+        body_rows = [[r.url, r.event_type, *(str(getattr(r, c)) for c in COUNTS)]
+                     for r in report.deliveries]
+        totals = report.totals()
+        body_rows.append(["TOTAL", "", *(str(totals[c]) for c in COUNTS)])
+        lines += _table(header, body_rows, right)
+    else:
+        lines.append("no deliveries recorded yet")
+    lines += ["", f"events waiting for fan-out: {report.unfanned_events}",
+              f"oldest pending: {format_age(report.oldest_pending_age)}", ""]
+    if report.daemons:
+        lines.append(f"daemons ({len(report.daemons)}):")
+        lines += _table(
+            ["ID", "HOST", "PID", "STARTED (UTC)", "LAST HEARTBEAT", "CONFIG"],
+            [[d.id, d.hostname, str(d.pid), f"{d.started_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
+              f"{format_age(d.heartbeat_age)} ago" + (" (stale)" if d.stale else ""),
+              d.config_hash or "-"] for d in report.daemons],
+            {2})
+    else:
+        lines.append("daemons: none seen (is `qlm-bridge run` running?)")
+    return "\n".join(lines)
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    event_ids: tuple[uuid.UUID, ...] = ()
+    urls: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
+    since: datetime | None = None
+    all_states: bool = False
+
+    def is_empty(self) -> bool:
+        return not (self.event_ids or self.urls or self.event_types or self.since)
+
+    def states(self) -> list[str]:
+        return ["failed", "skipped", "delivered"] if self.all_states else ["failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    requeued: int
+    created: int  # new delivery rows for URLs configured now (replay by event id)
+    unknown_event_ids: tuple[uuid.UUID, ...] = field(default=())
+
+    @property
+    def queued(self) -> int:
+        return self.requeued + self.created
+
+
+def replay(conn_or_dsn: Conn | str, config: Config, selection: ReplayFilter,
+           now: datetime | None = None, progress: Progress | None = None,
+           batch_size: int = REPLAY_BATCH) -> ReplayResult:
+    """Re-queue matching failed/skipped (and with all_states, delivered) deliveries: pending,
+    attempts 0, due now, unlocked. In batches, each its own transaction."""
+    for event_type in selection.event_types:
+        if event_type not in ALL_EVENTS:
+            raise ConfigError(f"unknown event type {event_type!r} (known: {', '.join(ALL_EVENTS)})")
+    ids = [str(e) for e in selection.event_ids] or None
+    params: dict[str, Any] = {
+        "states": selection.states(), "event_ids": ids,
+        "urls": list(selection.urls) or None, "event_types": list(selection.event_types) or None,
+        "since": selection.since, "now": now, "batch": batch_size, "after": 0,
+    }
+    requeued = created = 0
+    unknown: tuple[uuid.UUID, ...] = ()
+    with _session(conn_or_dsn, config) as (conn, q):
+        while True:
+            got = [r[0] for r in conn.execute(q["replay_batch"], params).fetchall()]
+            requeued += len(got)
+            if progress and got:
+                progress(len(got))
+            if len(got) < batch_size:
+                break
+            params["after"] = max(got)
+        if ids:
+            known = {r[0] for r in conn.execute(q["known_event_ids"], {"event_ids": ids})}
+            unknown = tuple(e for e in selection.event_ids if e not in known)
+            subs = [(t, u) for t, u in config.webhooks.subscriptions()
+                    if not selection.event_types or t in selection.event_types]
+            if subs:
+                created = len(conn.execute(q["replay_fan_out"], {
+                    "sub_types": [t for t, _ in subs], "sub_urls": [u for _, u in subs],
+                    "event_ids": ids, "urls": params["urls"], "now": now}).fetchall())
+                if progress and created:
+                    progress(created)
+        if requeued or created:
+            conn.execute(q["wake_daemons"], {"channel": config.database.channel})
+    return ReplayResult(requeued, created, unknown)
+
+
+# --- prune -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneProgress:
+    events: int
+    logs: int
+
+
+def prune_once(conn_or_dsn: Conn | str, config: Config, now: datetime | None = None, *,
+               older_than: float | None = None, logs_older_than: float | None = None,
+               progress: Callable[[PruneProgress], None] | None = None) -> tuple[int, int]:
+    """Delete settled events (all deliveries delivered or skipped, or none) older than
+    retention.delivered_days and attempt_log rows older than retention.log_days, in batches of
+    retention.batch_size, each batch its own short transaction. Returns (events, log rows)."""
+    retention = config.retention
+    batch = retention.batch_size
+    events_age = older_than if older_than is not None else retention.delivered_days * 86400
+    logs_age = logs_older_than if logs_older_than is not None else retention.log_days * 86400
+    events = logs = 0
+    with _session(conn_or_dsn, config) as (conn, q):
+        params: dict[str, Any] = {"now": now, "older_than": events_age, "batch": batch,
+                                  "after_at": datetime.min.replace(tzinfo=UTC), "after_id": 0}
+        while True:
+            got = conn.execute(q["prune_events"], params).fetchall()
+            events += len(got)
+            if progress and got:
+                progress(PruneProgress(events, logs))
+            if len(got) < batch:
+                break
+            params["after_at"], params["after_id"] = max(got)
+        log_params = {"now": now, "older_than": logs_age, "batch": batch}
+        while True:
+            deleted = conn.execute(q["prune_logs"], log_params).rowcount
+            logs += max(deleted, 0)
+            if progress and deleted > 0:
+                progress(PruneProgress(events, logs))
+            if deleted < batch:
+                break
+    return events, logs
+
+
+# --- send-test -------------------------------------------------------------------------------
+
+_SAMPLE_LICENSE: dict[str, Any] = {
+    "ActivationKey": "TEST-0000-0000-0000", "ComputerKey": "", "ComputerID": "TEST-COMPUTER",
+    "ComputerName": "qlm-bridge-send-test", "NumLicenses": 1, "AvailableLicenses": 0,
+    "ActivationCount": 1, "ProductID": 1, "ProductName": "Sample Product", "MajorVersion": 1,
+    "MinorVersion": 0, "CustomerID": 0, "OrderID": "TEST-ORDER", "SubscriptionID": "",
+    "UserData": "qlm-bridge send-test", "Comment": "a test event: no license changed",
+}
+_SAMPLE_CUSTOMER: dict[str, Any] = {
+    "CustomerID": 0, "FullName": "Test Customer", "Email": "test@example.com",
+    "Company": "Example Ltd", "Phone": "", "Country": "", "PrivacyConsent": True,
+}
+TEST_HEADER = "X-QLM-Test"
+
+
+def sample_event(event_type: str, now: datetime | None = None) -> Event:
+    """A realistic, clearly marked sample event of one type (nothing in the database)."""
+    if event_type not in ALL_EVENTS:
+        raise ConfigError(f"unknown event type {event_type!r} (known: {', '.join(ALL_EVENTS)})")
+    kind = kind_of(event_type)
+    info = dict(_SAMPLE_LICENSE if kind == "license" else _SAMPLE_CUSTOMER)
+    previous = None
+    if event_type == "license_released":
+        previous = {"ComputerID": info["ComputerID"], "AvailableLicenses": 0}
+        info |= {"ComputerID": "", "AvailableLicenses": 1}
+    elif event_type == "license_modified":
+        previous = {"Comment": "before"}
+    elif event_type == "customer_modified":
+        previous = {"Email": "old@example.com"}
+    return Event(str(uuid.uuid4()), event_type, now or datetime.now(UTC), json.dumps(info),
+                 json.dumps(previous) if previous else None)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    url: str
+    event_type: str
+    event_id: str
+    status: int | None
+    reason: str
+    latency_ms: float
+    response: str
+    error: str | None = None
+    location: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def targets_for(config: Config, event_type: str) -> tuple[str, ...]:
+    return config.webhooks.events.get(event_type, ())
+
+
+async def _send_one(session: aiohttp.ClientSession, url: str, event: Event,
+                    config: Config) -> SendResult:
+    payload = body(event)
+    hdrs = headers(event, payload, config.webhooks.secret_key) | {TEST_HEADER: "1"}
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=payload, headers=hdrs, allow_redirects=False) as resp:
+            raw = await resp.content.read(config.webhooks.max_response_body or 4096)
+            elapsed = (time.perf_counter() - start) * 1000
+            return SendResult(url, event.event_type, event.event_id, resp.status,
+                              resp.reason or "", elapsed, raw.decode("utf-8", "replace"),
+                              location=resp.headers.get("Location"))
+    except TimeoutError:
+        error = f"timed out after {config.webhooks.timeout:g} s (webhooks.timeout)"
+    except aiohttp.ClientError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return SendResult(url, event.event_type, event.event_id, None, "",
+                      (time.perf_counter() - start) * 1000, "", error)
+
+
+async def _send_all(urls: Sequence[str], event_type: str, config: Config) -> list[SendResult]:
+    ssl_context: ssl.SSLContext | bool = True
+    if config.webhooks.ca_bundle:
+        ssl_context = ssl.create_default_context(cafile=config.webhooks.ca_bundle)
+    timeout = aiohttp.ClientTimeout(total=config.webhooks.timeout)
+    connector = aiohttp.TCPConnector(ssl=ssl_context)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        return [await _send_one(session, url, sample_event(event_type), config) for url in urls]
+
+
+def send_test(urls: Sequence[str], event_type: str, config: Config) -> list[SendResult]:
+    """POST one signed sample event to each URL (no redirects followed); one result each."""
+    checked = []
+    for url in urls:
+        try:
+            checked.append(check_url(url))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    sample_event(event_type)  # validates the type before any request
+    return asyncio.run(_send_all(checked, event_type, config))
+
+
+def format_send_result(result: SendResult) -> str:
+    lines = [f"POST {result.url}  ({result.event_type}, event id {result.event_id})"]
+    if result.status is None:
+        lines.append(f"  -> failed after {result.latency_ms:.1f} ms: {result.error}")
+        return "\n".join(lines)
+    verdict = "ok" if result.ok else "FAILED (not 2xx)"
+    lines.append(f"  -> HTTP {result.status} {result.reason} in {result.latency_ms:.1f} ms: "
+                 f"{verdict}")
+    if result.location and 300 <= result.status < 400:
+        lines.append(f"  redirect to {result.location} not followed (the bridge never follows "
+                     "redirects)")
+    text = result.response.strip()
+    if text:
+        shown = text if len(text) <= RESPONSE_SHOWN else text[:RESPONSE_SHOWN] + " ...(truncated)"
+        lines.append(f"  response: {shown}")
+    return "\n".join(lines)
