@@ -14,7 +14,7 @@ import psycopg
 
 from bridge import sql
 from bridge.config import ActivationRule, Config, TableConfig
-from bridge.errors import DatabaseUnavailable, InstallError
+from bridge.errors import ConfigError, DatabaseUnavailable, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
 SCHEMA_VERSION = 1
@@ -62,6 +62,21 @@ def trigger_name(config: Config) -> str:
     return f"{config.database.schema_name}_capture_v1"[:63]
 
 
+_RESERVED_SCHEMAS = frozenset({"public", "information_schema"})
+
+
+def check_schema_name(config: Config) -> None:
+    """The bridge schema must be its own: install revokes PUBLIC's rights on it and
+    `uninstall --drop-data` drops it with CASCADE, which must never reach the license tables."""
+    name = config.database.schema_name
+    shared = {config.capture.licenses.table_schema, config.capture.customers.table_schema}
+    if name in _RESERVED_SCHEMAS or name.startswith("pg_") or name in shared:
+        raise ConfigError(
+            f"database.schema: {name!r} cannot be the bridge schema (it is a system schema or "
+            "holds the captured tables); use a schema of its own, e.g. qlm_bridge"
+        )
+
+
 def _checks(config: Config) -> list[str]:
     blocks = sql.blocks("checks.sql")
     out = []
@@ -75,6 +90,9 @@ def _checks(config: Config) -> list[str]:
         if columns:
             out.append(sql.render(blocks["columns_exist"], qualified=qualified, section=section,
                                   columns=_array(sorted(columns))))
+    out.append(sql.render(blocks["rules_valid"], table=_qualified(lic),
+                          qualified=sql.quote_literal(_qualified(lic)),
+                          activated=_condition(lic.activation), released=_condition(lic.release)))
     return out
 
 
@@ -97,7 +115,17 @@ def _capture(config: Config) -> list[str]:
         out.append(sql.render(blocks["trigger"], schema=schema, func=sql.quote_ident(func),
                               trigger=sql.quote_ident(trigger_name(config)),
                               table=_qualified(table)))
+        out.append(sql.render(blocks["drop_stale_triggers"],
+                              funcref=_funcref(config, func),
+                              qualified=sql.quote_literal(_qualified(table)),
+                              tgname=sql.quote_literal(trigger_name(config))))
     return out
+
+
+def _funcref(config: Config, func: str) -> str:
+    """``'"schema"."func"()'``: a capture function's signature as a literal for to_regprocedure."""
+    schema = sql.quote_ident(config.database.schema_name)
+    return sql.quote_literal(f"{schema}.{sql.quote_ident(func)}()")
 
 
 def _field_names(config: Config) -> list[str]:
@@ -109,7 +137,8 @@ def _field_names(config: Config) -> list[str]:
         out.append(sql.render(blocks["field_map"], schema=schema, kind=sql.quote_literal(kind),
                               qualified=sql.quote_literal(_qualified(table))))
     rows = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
-    rows += [(k, c, f) for k, names in config.webhooks.field_names.items() for c, f in names.items()]
+    rows += [(k, c, f) for k, names in config.webhooks.field_names.items()
+             for c, f in names.items()]
     out.append(sql.render(blocks["field_overrides"], schema=schema,
                           kinds=_array(r[0] for r in rows), columns=_array(r[1] for r in rows),
                           fields=_array(r[2] for r in rows)))
@@ -120,12 +149,13 @@ def _field_names(config: Config) -> list[str]:
 
 def render_install(config: Config, from_version: int | None, sample_schema: bool) -> Plan:
     """The whole install/upgrade as one SQL script (without BEGIN/COMMIT)."""
+    check_schema_name(config)
     if from_version is not None and from_version > SCHEMA_VERSION:
         raise InstallError(
             f"the bridge schema {config.database.schema_name!r} is at version {from_version}, "
             f"newer than this qlm-bridge ({SCHEMA_VERSION}); upgrade qlm-bridge"
         )
-    parts = [f"SELECT pg_advisory_xact_lock({LOCK_KEY});\n"]
+    parts = [_lock_sql()]
     if sample_schema:
         parts.append(sql.read("sample_schema.sql"))
     parts += _checks(config)
@@ -137,15 +167,15 @@ def render_install(config: Config, from_version: int | None, sample_schema: bool
     return Plan(from_version, SCHEMA_VERSION, "\n".join(parts))
 
 
-def render_uninstall(config: Config, drop_data: bool,
-                     existing_tables: Iterable[TableConfig] | None = None) -> str:
+def render_uninstall(config: Config, drop_data: bool) -> str:
+    """Drop every trigger calling a capture function, the functions, and (drop_data) the schema."""
+    check_schema_name(config)
     blocks = sql.blocks("uninstall.sql")
     schema = sql.quote_ident(config.database.schema_name)
-    tables = (list(existing_tables) if existing_tables is not None
-              else [config.capture.licenses, config.capture.customers])
-    parts = [f"SELECT pg_advisory_xact_lock({LOCK_KEY});\n"]
-    parts += [sql.render(blocks["trigger"], trigger=sql.quote_ident(trigger_name(config)),
-                         table=_qualified(t)) for t in tables]
+    parts = [_lock_sql()]
+    parts.append(sql.render(blocks["triggers"],
+                            licfunc=_funcref(config, "capture_license_v1"),
+                            cusfunc=_funcref(config, "capture_customer_v1")))
     parts.append(sql.render(blocks["functions"], schema=schema))
     if drop_data:
         parts.append(sql.render(blocks["drop_data"], schema=schema))
@@ -175,14 +205,23 @@ def _first_line(exc: BaseException) -> str:
 
 
 def current_version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:
+    """max(version) of the bridge schema, None when it is not installed."""
+    try:
+        return _read_version(conn, schema)
+    except psycopg.Error as exc:
+        raise InstallError(f"cannot read the bridge schema version: {_first_line(exc)}") from None
+
+
+def _read_version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:
+    blocks = sql.blocks("checks.sql")
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (f"{sql.quote_ident(schema)}.version",))
+        cur.execute(blocks["version_table"], (f"{sql.quote_ident(schema)}.version",))
         row = cur.fetchone()
-        if row is None or row[0] is None:
+        if row is None or not row[0]:
             return None
-        cur.execute(f"SELECT max(version) FROM {sql.quote_ident(schema)}.version")
+        cur.execute(sql.render(blocks["version"], schema=sql.quote_ident(schema)).encode())
         got = cur.fetchone()
-        return int(got[0]) if got and got[0] is not None else None
+        return got[0] if got and isinstance(got[0], int) else None
 
 
 def plan(config: Config, sample_schema: bool = False) -> Plan:
@@ -192,8 +231,9 @@ def plan(config: Config, sample_schema: bool = False) -> Plan:
 
 
 def _execute_script(conn: psycopg.Connection[tuple[object, ...]], script: str) -> None:
+    """Run a script in the connection's open transaction; errors become InstallError."""
     try:
-        with conn.transaction(), conn.cursor() as cur:
+        with conn.cursor() as cur:
             cur.execute(script.encode())
     except psycopg.errors.InsufficientPrivilege as exc:
         raise InstallError(f"insufficient privilege: {_first_line(exc)} (install needs a role "
@@ -204,30 +244,31 @@ def _execute_script(conn: psycopg.Connection[tuple[object, ...]], script: str) -
         raise InstallError(message.removeprefix("qlm-bridge: ")) from None
 
 
+def _lock_sql() -> str:
+    return sql.render(sql.blocks("checks.sql")["lock"], lock=str(LOCK_KEY))
+
+
+def _lock(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Serialise installs: the version read below must not change before this one commits."""
+    _execute_script(conn, _lock_sql())
+
+
 def install(config: Config, sample_schema: bool = False) -> Plan:
     """Install or upgrade in one transaction; returns what was done."""
-    with connect(config.database.dsn, config.database.connect_timeout) as conn:
-        conn.autocommit = True
+    check_schema_name(config)
+    with connect(config.database.dsn, config.database.connect_timeout) as conn, \
+            conn.transaction():
+        _lock(conn)
         the_plan = render_install(config, current_version(conn, config.database.schema_name),
                                   sample_schema)
         _execute_script(conn, the_plan.sql)
         return the_plan
 
 
-def _existing(conn: psycopg.Connection[tuple[object, ...]], config: Config) -> list[TableConfig]:
-    out: list[TableConfig] = []
-    with conn.cursor() as cur:
-        for table in (config.capture.licenses, config.capture.customers):
-            cur.execute("SELECT to_regclass(%s)", (_qualified(table),))
-            row = cur.fetchone()
-            if row and row[0] is not None:
-                out.append(table)
-    return out
-
-
 def uninstall(config: Config, drop_data: bool = False) -> str:
-    with connect(config.database.dsn, config.database.connect_timeout) as conn:
-        conn.autocommit = True
-        script = render_uninstall(config, drop_data, _existing(conn, config))
+    """Remove the capture (and with drop_data the bridge schema) in one transaction."""
+    script = render_uninstall(config, drop_data)
+    with connect(config.database.dsn, config.database.connect_timeout) as conn, \
+            conn.transaction():
         _execute_script(conn, script)
         return script

@@ -3,6 +3,9 @@
 --   __KIND__         'license' or 'customer'     __FUNC__        quoted function name
 --   __ACTIVATED__ / __RELEASED__  boolean expressions over OLD/NEW built from validated,
 --                                 quoted column names (license tables only; 'false' otherwise)
+--   __TRIGGER__ / __TGNAME__      the trigger name, quoted / as a string literal
+--   __TABLE__                     the quoted schema-qualified captured table
+--   __FUNCREF__ / __QUALIFIED__   the function signature / the table, as string literals
 --
 -- SECURITY DEFINER with a pinned search_path: the application role that writes the license
 -- tables needs no grant on the bridge schema and cannot hijack name resolution.
@@ -90,3 +93,21 @@ REVOKE ALL ON FUNCTION __SCHEMA__.__FUNC__() FROM PUBLIC;
 CREATE OR REPLACE TRIGGER __TRIGGER__
     AFTER INSERT OR UPDATE OR DELETE ON __TABLE__
     FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.__FUNC__();
+
+-- name: drop_stale_triggers
+-- A trigger of an earlier install on a table the config no longer names would go on capturing
+-- into this function: drop every trigger that calls it except the one just created.
+DO $qlm_bridge$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT tg.tgname, tg.tgrelid::pg_catalog.regclass AS rel
+               FROM pg_catalog.pg_trigger tg
+              WHERE tg.tgfoid = pg_catalog.to_regprocedure(__FUNCREF__)
+                AND NOT (tg.tgrelid = pg_catalog.to_regclass(__QUALIFIED__)
+                         AND tg.tgname = __TGNAME__)
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
+END
+$qlm_bridge$;

@@ -29,6 +29,19 @@ BEGIN
 END
 $qlm_bridge$;
 
+-- name: rules_valid
+-- The activation and release rules must compile against the license table: a column type without
+-- the operator a rule needs (json has no `>`) would otherwise fail every UPDATE at run time.
+DO $qlm_bridge$
+BEGIN
+    PERFORM 1 FROM __TABLE__ AS new CROSS JOIN __TABLE__ AS old
+     WHERE false AND (__ACTIVATED__ OR __RELEASED__);
+EXCEPTION WHEN OTHERS THEN
+    RAISE EXCEPTION 'qlm-bridge: the activation/release rules (capture.licenses) do not apply to '
+                    'table %: %', __QUALIFIED__, SQLERRM;
+END
+$qlm_bridge$;
+
 -- name: field_map
 -- Every column of a captured table gets its payload field name (naming rule, then QLM names,
 -- then config overrides, which the daemon refreshes).
@@ -41,7 +54,21 @@ ON CONFLICT (kind, column_name) DO NOTHING;
 -- name: field_overrides
 INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)
 SELECT * FROM unnest(__KINDS__::text[], __COLUMNS__::text[], __FIELDS__::text[])
-ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name;
+ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name
+ WHERE __SCHEMA__.field_map.field_name IS DISTINCT FROM EXCLUDED.field_name;
 
 -- name: runtime
-UPDATE __SCHEMA__.runtime SET capture_modified = __CAPTURE_MODIFIED__ WHERE id = 1;
+-- (only when it differs, so a repeated install writes nothing)
+UPDATE __SCHEMA__.runtime SET capture_modified = __CAPTURE_MODIFIED__
+ WHERE id = 1 AND capture_modified IS DISTINCT FROM __CAPTURE_MODIFIED__;
+
+-- name: lock
+-- Serialises concurrent installs and uninstalls (held until the transaction ends).
+SELECT pg_catalog.pg_advisory_xact_lock(__LOCK__);
+
+-- name: version_table
+-- The parameter is the quoted bridge schema name + '.version'; false when not installed.
+SELECT pg_catalog.to_regclass(%s) IS NOT NULL;
+
+-- name: version
+SELECT max(version)::int FROM __SCHEMA__.version;
