@@ -46,7 +46,7 @@ def kind_of(event_type: str) -> Kind:
 
 
 def pascal_case(column: str) -> str:
-    """``computer_id`` -> ``ComputerID``; ``maintenance_renewal_date`` -> ``MaintenanceRenewalDate``."""
+    """``computer_id`` -> ``ComputerID``; ``expiry_date`` -> ``ExpiryDate``."""
     parts = [p for p in column.split("_") if p]
     if not parts:
         return column

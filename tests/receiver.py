@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -91,7 +92,5 @@ class Receiver:
             if remaining <= 0:
                 raise AssertionError(f"timed out; received {len(self.received)} request(s)")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.1))
-            except TimeoutError:
-                pass
