@@ -4,6 +4,8 @@ classification. Concurrency limits are the daemon's (it claims only what it can 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import ipaddress
 import socket
 import ssl
@@ -35,11 +37,23 @@ _CONTROL = {i: f"\\x{i:02x}" for i in range(32) if i not in (9,)}
 _CONTROL[127] = "\\x7f"
 
 
+_MARK = "…[truncated]"
+# Bodies from this size on are streamed from a buffer: aiohttp warns (ResourceWarning) that a
+# large bytes body blocks the event loop, which an error filter turns into a failed attempt.
+_LARGE = 512 * 1024
+
+
 def sanitize(text: str, limit: int) -> str:
-    """Escape control characters (no log injection) and bound the length."""
-    if len(text) > limit:
-        text = text[:limit] + "…[truncated]"
-    return text.translate(_CONTROL)
+    """Escape control characters (no log injection), then bound the length: the result is at
+    most `limit` characters plus the truncation mark, however many characters were escaped."""
+    text = text[:limit + 1].translate(_CONTROL)  # escaping at most quadruples the length
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    tail = cut.rfind("\\x", max(0, limit - 3))
+    if tail != -1:  # never leave half an escape sequence
+        cut = cut[:tail]
+    return cut + _MARK
 
 
 class BlockedAddress(aiohttp.ClientError):
@@ -110,7 +124,8 @@ class Dispatcher:
                 host = urlsplit(url).hostname or ""
                 if _is_blocked(host):
                     raise BlockedAddress(f"{host} is a blocked address")
-            async with self._session.post(url, data=body, headers=headers,
+            data: bytes | io.BytesIO = body if len(body) < _LARGE else io.BytesIO(body)
+            async with self._session.post(url, data=data, headers=headers,
                                           allow_redirects=False) as resp:
                 raw = await resp.content.read(limit + 1) if limit else b""
                 status = resp.status
@@ -138,7 +153,5 @@ class Dispatcher:
 
 
 async def close_quietly(dispatcher: Dispatcher) -> None:
-    try:
+    with contextlib.suppress(TimeoutError, OSError):
         await asyncio.wait_for(dispatcher.close(), 5)
-    except (TimeoutError, OSError):
-        pass
