@@ -1,0 +1,127 @@
+"""Database writers for the benchmark: bursts, steady-rate inserts and pgbench runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+# One row of license_keys about the size a license server writes (payload ~ 700 bytes).
+_BURST = """
+INSERT INTO license_keys (activation_key, product_id, product_name, major_version,
+                          minor_version, features, license_model, num_licenses,
+                          available_licenses, order_id, order_date, user_data, comment)
+SELECT %(prefix)s || g, 7, 'Bench Product', 3, 1, 'f1;f2;f3', 'subscription', 5, 5,
+       'order-' || g, now(), 'user data for ' || g, 'benchmark row'
+  FROM generate_series(%(first)s::int, %(last)s::int) AS g
+"""
+
+_ONE = """
+INSERT INTO license_keys (activation_key, product_id, product_name, major_version,
+                          minor_version, features, license_model, num_licenses,
+                          available_licenses, order_id, order_date, user_data, comment)
+VALUES (%s, 7, 'Bench Product', 3, 1, 'f1;f2;f3', 'subscription', 5, 5, 'order', now(),
+        'user data', 'benchmark row')
+"""
+
+INSERT_SCRIPT = """\
+INSERT INTO license_keys (activation_key, product_id, product_name, num_licenses, \
+available_licenses, order_id, user_data) VALUES (gen_random_uuid()::text, 7, 'Bench Product', \
+5, 5, 'order-' || :client_id, 'user data');
+"""
+
+UPDATE_SCRIPT = """\
+\\set k random(1, {rows})
+UPDATE license_keys SET activation_count = activation_count + 1, \
+available_licenses = available_licenses - 1, computer_id = 'pc-' || :client_id, \
+activation_date = now() WHERE activation_key = 'pre-' || :k;
+"""
+
+
+def burst(dsn: str, n: int, prefix: str, chunk: int = 10_000) -> float:
+    """Commit n license_keys rows in one transaction (a few multi-row INSERTs); commit time."""
+    with psycopg.connect(dsn) as conn:
+        for first in range(1, n + 1, chunk):
+            conn.execute(_BURST, {"prefix": prefix, "first": first,
+                                  "last": min(n, first + chunk - 1)})
+        conn.commit()
+        return time.time()
+
+
+@dataclass(frozen=True)
+class Steady:
+    commits: dict[str, float]  # activation_key -> commit time (time.time())
+    behind_ms: float  # how far the writer fell behind its schedule at worst
+
+
+def steady(dsn: str, rate: float, seconds: float, prefix: str) -> Steady:
+    """One single-row INSERT transaction every 1/rate s on an absolute schedule."""
+    commits: dict[str, float] = {}
+    behind = 0.0
+    total = int(rate * seconds)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(_ONE, (f"{prefix}warmup",))
+        start = time.time() + 0.2
+        for i in range(total):
+            due = start + i / rate
+            now = time.time()
+            if due > now:
+                time.sleep(due - now)
+            else:
+                behind = max(behind, now - due)
+            key = f"{prefix}{i}"
+            conn.execute(_ONE, (key,))
+            commits[key] = time.time()
+    return Steady(commits, behind * 1000)
+
+
+def preload(dsn: str, rows: int) -> None:
+    """Rows the activation UPDATE script picks from ('pre-1' .. 'pre-N')."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("""INSERT INTO license_keys (activation_key, product_id, num_licenses,
+                                                  available_licenses)
+                        SELECT 'pre-' || g, 7, 1000000, 1000000
+                          FROM generate_series(1, %s::int) g""", (rows,))
+        has_bridge = conn.execute(
+            "SELECT to_regclass('qlm_bridge.event') IS NOT NULL").fetchone()
+        if has_bridge and has_bridge[0]:
+            conn.execute("TRUNCATE qlm_bridge.event CASCADE")
+        conn.execute("VACUUM ANALYZE license_keys")
+
+
+def reset(dsn: str) -> None:
+    """Back to the preloaded state before each pgbench run (no trigger fires: replica role), so
+    every variant starts from the same table and index sizes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("DELETE FROM license_keys WHERE activation_key NOT LIKE 'pre-%'")
+        has_bridge = conn.execute(
+            "SELECT to_regclass('qlm_bridge.event') IS NOT NULL").fetchone()
+        if has_bridge and has_bridge[0]:
+            conn.execute("TRUNCATE qlm_bridge.event CASCADE")
+        conn.execute("VACUUM ANALYZE license_keys")
+        conn.execute("CHECKPOINT")
+
+
+def set_sleeping(dsn: str, sleeping: bool) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE qlm_bridge.runtime SET sleeping = %s WHERE id = 1", (sleeping,))
+
+
+_TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+
+
+def pgbench(binary: str, dsn: str, script: Path, clients: int, seconds: float) -> float:
+    reset(dsn)
+    args = [binary, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
+            "-T", str(int(seconds)), "-f", str(script), dsn]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60,
+                         check=False)
+    m = _TPS.search(out.stdout)
+    if out.returncode != 0 or m is None:
+        raise RuntimeError(f"pgbench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return float(m.group(1))
