@@ -39,6 +39,15 @@ from bridge.store import CONNECTION_ERRORS, Claimed, Result, Store, asyncpg_dsn
 log = logging.getLogger("bridge.daemon")
 
 DB_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+# At start these do not heal by waiting: say so and exit instead of retrying for ever.
+FATAL_AT_START: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # bad user or password
+    asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+)
+# How long a daemon whose slots are all taken waits for one to free before it goes idle.
+BUSY_WAIT = 0.05
+# Bound on the database calls made while shutting down (the database may be gone).
+SHUTDOWN_DB_TIMEOUT = 5.0
 
 
 def _jitter(seconds: float) -> float:
@@ -65,13 +74,24 @@ class Daemon:
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._ack_wake = asyncio.Event()
-        self._in_flight: dict[int, Claimed] = {}  # claimed, not yet acknowledged
+        # claimed, not yet acknowledged; keyed by (delivery id, attempt): a lease that expired
+        # while an ack was delayed can hand the same row to this daemon again
+        self._in_flight: dict[tuple[int, int], Claimed] = {}
         self._per_url: Counter[str] = Counter()
         self._acks: list[Result] = []
+        self._acking: list[Result] = []  # the batch being written
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reloads: set[asyncio.Future[None]] = set()
         self._sleeping_flag = False
         self._snapshot: str | None = None
         self._next_retry: float | None = None
+        self._fan_out_due = True
+        self._poll_due = True
+        self._last_fan_out = 0.0
+        self._claim_short = False  # the last claim took less than it asked for
+        self._freed = 0  # attempts acknowledged (slots freed) so far
+        self._freed_at_claim = 0
+        self._last_claim = 0.0
         self._pool: asyncpg.Pool | None = None
         self._store: Store | None = None
         self._dispatcher: Dispatcher | None = None
@@ -80,12 +100,28 @@ class Daemon:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, install_signals: bool = False) -> None:
+        if install_signals:
+            self._install_signals()  # before connecting: SIGTERM must stop a daemon still waiting
+        try:
+            await self._run()
+        finally:
+            if install_signals:
+                self._remove_signals()
+            if self._pool is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._pool.close(), 5)
+            self._stopped.set()
+
+    async def _run(self) -> None:
         cfg = self.config
         self._pool = await asyncpg.create_pool(
-            asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4, timeout=cfg.database.connect_timeout,
+            asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4,
+            timeout=cfg.database.connect_timeout,
             server_settings={"application_name": "qlm-bridge"})
-        self._store = store = Store(self._pool, cfg.database.schema_name, self.id)
-        await self._check_schema()
+        self._store = Store(self._pool, cfg.database.schema_name, self.id)
+        if not await self._check_schema():
+            log.info("daemon %s stopped before the database was reachable", self.id)
+            return
         self._dispatcher = Dispatcher(cfg.webhooks)
         await self._dispatcher.start()
         self._listener = Listener(
@@ -99,8 +135,6 @@ class Daemon:
         if address is not None:
             runner = await serve(address[0], address[1], self.metrics, self._readiness,
                                  self._refresh_gauges)
-        if install_signals:
-            self._install_signals()
         await self._apply_db_config()
         background = [asyncio.create_task(self._acker(), name="acker"),
                       asyncio.create_task(self._heartbeat(), name="heartbeat")]
@@ -114,10 +148,6 @@ class Daemon:
             await self._shutdown(background)
             if runner is not None:
                 await runner.cleanup()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), 5)
-            self._stopped.set()
-        del store
 
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent; safe from a signal handler)."""
@@ -135,17 +165,30 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
 
-    async def _check_schema(self) -> None:
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def _reload_soon(self) -> None:
+        future = asyncio.ensure_future(self.reload())  # keep a reference until it is done
+        self._reloads.add(future)
+        future.add_done_callback(self._reloads.discard)
+
+    async def _check_schema(self) -> bool:
+        """Wait for the database and check the bridge schema; False if stopped meanwhile."""
         assert self._store is not None
         failures = 0
         while True:
             try:
                 await self._store.pool.fetchval(self._store.q["schema_version"])
-                return
+                return True
             except asyncpg.ClientConfigurationError as exc:
                 raise BridgeError(f"database.dsn: {exc}") from None
+            except FATAL_AT_START as exc:
+                raise BridgeError(f"cannot connect to the database: {_describe(exc)}") from None
             except asyncpg.UndefinedTableError:
                 raise BridgeError(
                     f"the bridge schema {self.config.database.schema_name!r} is not installed "
@@ -156,7 +199,7 @@ class Daemon:
                 log.warning("database not reachable (%s); retrying in %.1f s",
                             _describe(exc), delay)
                 if await self._sleep_unless_stopping(delay):
-                    raise BridgeError("stopped before the database was reachable") from None
+                    return False
 
     async def _apply_db_config(self) -> None:
         assert self._store is not None
@@ -207,21 +250,36 @@ class Daemon:
                 failures = 0
                 if not progressed and not self.stopping:
                     await self._idle()
-            except DB_ERRORS as exc:
+            except Exception as exc:  # never die of one bad pass: back off and look again
                 self.metrics.db_errors.inc()
                 delay = backoff(failures, base=0.05, cap=self.config.daemon.reconnect_max_delay)
                 failures += 1
                 self._sleeping_flag = False  # re-assert the flag once back
-                log.warning("database error (%s); retrying in %.2f s", _describe(exc), delay)
+                if isinstance(exc, DB_ERRORS):
+                    log.warning("database error (%s); retrying in %.2f s", _describe(exc), delay)
+                else:
+                    log.exception("unexpected error; retrying in %.2f s", delay)
                 await self._sleep_unless_stopping(delay)
 
     async def _cycle(self) -> bool:
         """One pass: fan out new events, claim what can start now, start it."""
         assert self._store is not None
         cfg = self.config
+        woken = self._wake.is_set() or self._poll_due
         self._wake.clear()
-        fanned = await self._store.fan_out(cfg.daemon.batch_size, cfg.webhooks.subscriptions(),
-                                           cfg.webhooks.enabled)
+        self._poll_due = False
+        # Fan out when there may be new events: woken (NOTIFY, poll, reconnect, reload, the
+        # "poll once more" of the idle path), the last claim could not fill the free slots,
+        # the last fan-out was a full batch, or a poll interval went by. While a backlog keeps
+        # every slot busy, the round trip is saved.
+        fanned, skipped = 0, True
+        now = time.monotonic()
+        if (woken or self._fan_out_due or not cfg.webhooks.enabled
+                or now - self._last_fan_out >= cfg.daemon.poll_interval):
+            skipped, self._fan_out_due, self._last_fan_out = False, False, now
+            fanned = await self._store.fan_out(cfg.daemon.batch_size,
+                                               cfg.webhooks.subscriptions(), cfg.webhooks.enabled)
+            self._fan_out_due = fanned >= cfg.daemon.batch_size
         if fanned:
             self.metrics.fanned_out.inc(fanned)
         if not cfg.webhooks.enabled:
@@ -231,15 +289,34 @@ class Daemon:
             self._slot_free.clear()
             await self._wait_any((self._slot_free,), cfg.daemon.poll_interval)
             return True
+        if not (woken or fanned) and self._claim_pointless(now):
+            return False
         saturated, caps = self._url_slots()
-        claimed = await self._store.claim(min(free, cfg.daemon.batch_size), cfg.daemon.lease,
-                                          saturated, caps, cfg.webhooks.per_url_concurrency)
+        limit = min(free, cfg.daemon.batch_size)
+        claimed = await self._store.claim(limit, cfg.daemon.lease, saturated, caps,
+                                          cfg.webhooks.per_url_concurrency)
+        self._claim_short = len(claimed) < limit
+        self._freed_at_claim, self._last_claim = self._freed, now
+        if self._next_retry is not None and now >= self._next_retry:
+            self._next_retry = None
+        if self._claim_short:
+            self._fan_out_due = True
         for c in claimed:
             self._start(c)
         if claimed and self._sleeping_flag:
             self._sleeping_flag = False
             await self._store.set_sleeping(False)  # draining: writers may skip NOTIFY
-        return fanned > 0 or bool(claimed)
+        # a skipped fan-out counts as progress: the next pass fans out before going idle
+        return fanned > 0 or bool(claimed) or (skipped and self._fan_out_due)
+
+    def _claim_pointless(self, now: float) -> bool:
+        """The last claim found less than it could take and nothing changed since (no new
+        deliveries, no freed slot, no retry due, less than a poll interval ago): claiming
+        again would only rescan the queue. (With a URL at its limit the claim skips that
+        URL's rows one by one, so this keeps a long backlog from costing a scan per pass.)"""
+        return (self._claim_short and self._freed == self._freed_at_claim
+                and (self._next_retry is None or now < self._next_retry)
+                and now - self._last_claim < self.config.daemon.poll_interval)
 
     def _url_slots(self) -> tuple[list[str], dict[str, int]]:
         limit = self.config.webhooks.per_url_concurrency
@@ -250,6 +327,15 @@ class Daemon:
     async def _idle(self) -> None:
         """Nothing to do: make sure writers will notify, then wait for a reason to look again."""
         assert self._store is not None
+        if self._in_flight and not self._sleeping_flag:
+            # Busy, only out of free slots: a finishing request frees one soon. Waiting for it
+            # a moment saves flipping runtime.sleeping (two commits and a snapshot) per slot;
+            # a slow or black-holed endpoint falls through to the real idle path.
+            woke = await self._wait_any((self._wake, self._slot_free), BUSY_WAIT)
+            self._slot_free.clear()
+            if woke:
+                return
+        self._poll_due = True  # whatever ends this wait, the next pass fans out and claims
         if not self._sleeping_flag:
             await self._store.set_sleeping(True)
             self._sleeping_flag = True
@@ -267,8 +353,6 @@ class Daemon:
             timeout = min(timeout, 0.01)
         woke = await self._wait_any((self._wake, self._slot_free), timeout)
         self._slot_free.clear()
-        if self._next_retry is not None and time.monotonic() >= self._next_retry:
-            self._next_retry = None
         if not woke and self._snapshot is None:
             self._sleeping_flag = False  # on each poll, re-assert the flag (cheap no-op UPDATE)
 
@@ -294,7 +378,7 @@ class Daemon:
     # --- delivering --------------------------------------------------------------------------
 
     def _start(self, c: Claimed) -> None:
-        self._in_flight[c.id] = c
+        self._in_flight[(c.id, c.attempt)] = c
         self._per_url[c.url] += 1
         self.metrics.in_flight.set(len(self._in_flight))
         task = asyncio.create_task(self._deliver(c))
@@ -307,7 +391,12 @@ class Daemon:
         body = payload.body(c.event)
         headers = payload.headers(c.event, body, cfg.secret_key)
         started = datetime.now(UTC)
-        out = await self._dispatcher.post(c.url, body, headers)
+        try:
+            out = await self._dispatcher.post(c.url, body, headers)
+        except Exception as exc:  # a bug or an odd URL must not leak the slot
+            log.exception("unexpected error delivering to %s", c.url)
+            out = Outcome(False, None, f"internal error: {_describe(exc)}", None,
+                          (datetime.now(UTC) - started).total_seconds() * 1000)
         if out.ok:
             state, retry_in = "delivered", None
         else:
@@ -348,10 +437,11 @@ class Daemon:
             self._ack_wake.clear()
             while self._acks:
                 batch, self._acks = self._acks, []
+                self._acking = batch
                 try:
                     await self._store.ack(batch)
                     failures = 0
-                except DB_ERRORS as exc:
+                except Exception as exc:  # the acker must outlive any error, or slots leak
                     self._acks[:0] = batch
                     self.metrics.db_errors.inc()
                     delay = backoff(failures, base=0.05,
@@ -361,13 +451,15 @@ class Daemon:
                                 len(batch), _describe(exc), delay)
                     await asyncio.sleep(delay)
                     continue
+                finally:
+                    self._acking = []
                 self._finish(batch)
 
     def _finish(self, batch: list[Result]) -> None:
         now = time.monotonic()
         for r in batch:
             c = r.claimed
-            if self._in_flight.pop(c.id, None) is not None:
+            if self._in_flight.pop((c.id, c.attempt), None) is not None:
                 self._per_url[c.url] -= 1
                 if self._per_url[c.url] <= 0:
                     del self._per_url[c.url]
@@ -375,6 +467,7 @@ class Daemon:
                 due = now + r.retry_in + 0.005
                 self._next_retry = due if self._next_retry is None else min(self._next_retry,
                                                                             due)
+        self._freed += len(batch)
         self.metrics.in_flight.set(len(self._in_flight))
         self._slot_free.set()
 
@@ -387,7 +480,7 @@ class Daemon:
         while True:
             try:
                 await self._store.heartbeat(hostname, pid, self.config.fingerprint())
-            except DB_ERRORS as exc:
+            except Exception as exc:
                 log.debug("heartbeat failed: %s", _describe(exc))
             interval = self.config.retention.prune_interval
             if interval and time.monotonic() - last_prune >= interval:
@@ -413,7 +506,7 @@ class Daemon:
         listening = self._listener is not None and self._listener.connected
         try:
             await asyncio.wait_for(self._store.pool.fetchval("SELECT 1"), 2)
-        except (*DB_ERRORS, TimeoutError) as exc:
+        except DB_ERRORS as exc:  # TimeoutError included
             return False, f"database unreachable: {_describe(exc)}"
         if not listening:
             return False, "LISTEN connection down"
@@ -437,28 +530,36 @@ class Daemon:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2)
-        acked_soon = {r.claimed.id for r in self._acks}
-        unfinished = [i for i in self._in_flight if i not in acked_soon]
-        # let the acker flush what finished
+        # let the acker flush what finished (including a batch already being written)
         self._ack_wake.set()
-        for _ in range(50):
-            if not self._acks:
-                break
-            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + SHUTDOWN_DB_TIMEOUT
+        while (self._acks or self._acking) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # still in flight now: cancelled attempts (give them back) or unrecorded ones (their
+        # lease expires and they are delivered again)
+        unrecorded = {(r.claimed.id, r.claimed.attempt) for r in (*self._acks, *self._acking)}
+        unfinished = [key[0] for key in self._in_flight if key not in unrecorded]
         for task in background:
             task.cancel()
-        with contextlib.suppress(*DB_ERRORS):
-            if unfinished:
-                await self._store.release(unfinished)
-            if not await self._store.other_daemons_alive(
-                    3 * self.config.daemon.heartbeat_interval):
-                await self._store.set_sleeping(False)  # nobody listens: writers skip NOTIFY
-            await self._store.daemon_gone()
+        try:
+            await asyncio.wait_for(self._leave(unfinished), SHUTDOWN_DB_TIMEOUT)
+        except DB_ERRORS as exc:  # TimeoutError included
+            log.warning("could not sign off cleanly (%s); leases expire by themselves",
+                        _describe(exc))
         if self._listener is not None:
             await self._listener.stop()
         if self._dispatcher is not None:
             await close_quietly(self._dispatcher)
         log.info("daemon %s stopped", self.id)
+
+
+    async def _leave(self, unfinished: list[int]) -> None:
+        assert self._store is not None
+        if unfinished:
+            await self._store.release(unfinished)
+        if not await self._store.other_daemons_alive(3 * self.config.daemon.heartbeat_interval):
+            await self._store.set_sleeping(False)  # nobody listens: writers skip NOTIFY
+        await self._store.daemon_gone()
 
 
 def _describe(exc: BaseException) -> str:

@@ -31,8 +31,9 @@ class RetryPolicy:
         if attempts_done > self.max_retries:
             return None
         if self.kind == "exponential":
-            base = min(self.max_interval, self.interval * 2 ** (attempts_done - 1))
-            delay = base * (0.5 + 0.5 * (rng or random).random())  # "equal jitter"
+            base = min(self.max_interval, self.interval * 2.0 ** (attempts_done - 1))
+            draw = rng.random() if rng is not None else random.random()
+            delay = base * (0.5 + 0.5 * draw)  # "equal jitter"
         else:
             delay = self.interval
         if retry_after is not None:

@@ -23,6 +23,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.ConnectionFailureError,
+    # asyncpg raises this when a pooled connection that the server terminated mid-query is
+    # reset on release (seen with pg_terminate_backend); the pool has dropped that connection
+    asyncpg.exceptions._base.InternalClientError,
     TimeoutError,
 )
 

@@ -1,0 +1,220 @@
+"""Issue 3 (Deliver), faults: SIGKILL mid-stream, terminated connections, SIGHUP reload, SIGTERM,
+a missing schema and an unreachable database at start. Real subprocesses where signals matter."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections import Counter
+from pathlib import Path
+
+from aiohttp import web
+from conftest import Db
+from daemon_proc import DaemonProc, config_data, write_config
+from receiver import Receiver
+from test_delivery import running, states, wait_until
+
+
+def slow(seconds: float) -> object:
+    async def handler(_: web.Request, __: int) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(text="ok")
+    return handler
+
+
+def event_ids(db: Db) -> set[str]:
+    return {r[0] for r in db.query("SELECT event_id::text FROM qlm_bridge.event")}
+
+
+async def _sigkill(db: Db, tmp_path: Path) -> None:
+    rx = await Receiver(behaviours={"/hook": slow(0.02)}).start()  # type: ignore[dict-item]
+    n, concurrency = 300, 8
+    path = write_config(tmp_path / "bridge.yaml", config_data(
+        db.dsn, webhooks={"events": {"customer_created": rx.url()}, "timeout": 1,
+                          "max_concurrency": concurrency, "per_url_concurrency": concurrency},
+        daemon={"lease": 3, "poll_interval": 0.3}))
+    first = await DaemonProc(path).start()
+    try:
+        await first.wait_log("started")
+        db.execute(f"INSERT INTO customers (full_name) "
+                   f"SELECT 'c' || g FROM generate_series(1, {n}) g")
+        await rx.wait_for(lambda: len(rx.received) >= n // 2)
+        first.send(signal.SIGKILL)
+        assert await first.wait() == -signal.SIGKILL
+        at_kill = len(rx.received)
+        assert at_kill < n, "the burst finished before the kill; nothing was tested"
+        second = await DaemonProc(path).start()
+        try:
+            await wait_until(lambda: states(db) == {"delivered": n}, timeout=30,
+                             what="all delivered after the restart")
+            second.send(signal.SIGTERM)
+            assert await second.wait() == 0
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+        await rx.stop()
+    seen = Counter(r.headers["X-QLM-Event-Id"] for r in rx.received)
+    assert set(seen) == event_ids(db)  # nothing lost
+    duplicates = len(rx.received) - n
+    print(f"\nSIGKILL at {at_kill}/{n} received: {duplicates} duplicate(s) "
+          f"(bound: max_concurrency = {concurrency})")
+    assert duplicates <= concurrency
+
+
+def test_sigkill_mid_stream_loses_nothing(db: Db, tmp_path: Path) -> None:
+    asyncio.run(_sigkill(db, tmp_path))
+
+
+async def _terminate(db: Db) -> None:
+    rx = await Receiver(behaviours={"/hook": slow(0.01)}).start()  # type: ignore[dict-item]
+    n = 300
+    # a long poll: after the kill only the reconnects (and NOTIFY) can bring the daemon back
+    cfg = db.config(webhooks={"events": {"customer_created": rx.url()}, "max_concurrency": 8},
+                    daemon={"poll_interval": 30})
+    async with running(cfg) as d:
+        listener = d._listener
+        assert listener is not None
+        await wait_until(lambda: listener.connected, what="listener connected")
+        db.execute(f"INSERT INTO customers (full_name) "
+                   f"SELECT 'c' || g FROM generate_series(1, {n}) g")
+        await rx.wait_for(lambda: len(rx.received) >= n // 3)
+        killed = db.scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'qlm-bridge%%' AND datname = current_database()")
+        assert killed >= 2  # the pool's connection(s) and the listener
+        await wait_until(lambda: states(db) == {"delivered": n}, timeout=30,
+                         what="all delivered after the kill")
+        await wait_until(lambda: listener.reconnects > 0 and listener.connected,
+                         what="listener reconnected")
+        # idle again: writers notify, and the new LISTEN hears them
+        await wait_until(lambda: db.scalar("SELECT sleeping FROM qlm_bridge.runtime") is True,
+                         what="daemon idle")
+        heard = listener.notifications
+        db.execute("INSERT INTO customers (full_name) VALUES ('after the kill')")
+        await wait_until(lambda: states(db) == {"delivered": n + 1}, timeout=10,
+                         what="new event delivered (poll is 30 s: only NOTIFY is this quick)")
+        assert listener.notifications > heard
+    await rx.stop()
+    seen = Counter(r.headers["X-QLM-Event-Id"] for r in rx.received)
+    assert set(seen) == event_ids(db)
+    print(f"\npg_terminate_backend: {killed} connection(s) killed, "
+          f"{len(rx.received) - (n + 1)} duplicate(s)")
+
+
+def test_terminated_connections_resume_by_themselves(db: Db) -> None:
+    asyncio.run(_terminate(db))
+
+
+async def _sighup(db: Db, tmp_path: Path) -> None:
+    rx = await Receiver().start()
+    a, b = rx.url("/a"), rx.url("/b")
+    data = config_data(db.dsn, webhooks={"events": {"license_created": a}})
+    path = write_config(tmp_path / "bridge.yaml", data)
+    proc = await DaemonProc(path).start()
+    try:
+        await proc.wait_log("started")
+        db.execute("INSERT INTO license_keys (activation_key) VALUES ('L1')")
+        await rx.wait_for(lambda: len(rx.on("/a")) == 1)
+
+        data["webhooks"]["events"] = {"license_created": f"{a};{b}"}
+        write_config(path, data)
+        proc.send(signal.SIGHUP)
+        await proc.wait_log("config reloaded")
+        db.execute("INSERT INTO license_keys (activation_key) VALUES ('L2')")
+        await rx.wait_for(lambda: len(rx.on("/a")) == 2 and len(rx.on("/b")) == 1)
+        assert b'"L2"' in rx.on("/b")[0].body  # fanned out after the reload only
+
+        data["webhooks"]["max_retries"] = -1
+        write_config(path, data)
+        proc.send(signal.SIGHUP)
+        await proc.wait_log("reload failed, keeping the running config")
+        assert "webhooks.max_retries" in proc.stderr
+        db.execute("INSERT INTO license_keys (activation_key) VALUES ('L3')")
+        await rx.wait_for(lambda: len(rx.on("/a")) == 3 and len(rx.on("/b")) == 2)
+
+        write_config(path, "webhooks: [unclosed\n")
+        proc.send(signal.SIGHUP)
+        await proc.wait_log("reload failed", occurrences=2)
+        db.execute("INSERT INTO license_keys (activation_key) VALUES ('L4')")
+        await rx.wait_for(lambda: len(rx.on("/a")) == 4 and len(rx.on("/b")) == 3)
+
+        proc.send(signal.SIGTERM)
+        assert await proc.wait(timeout=15) == 0
+    finally:
+        await proc.close()
+        await rx.stop()
+    assert "Traceback" not in proc.stderr
+    assert "test-secret" not in proc.stderr
+    assert proc.count("stopped") >= 1
+    assert states(db) == {"delivered": 7}
+    assert db.scalar("SELECT count(*) FROM qlm_bridge.daemon") == 0  # signed off
+
+
+def test_sighup_reload_valid_and_invalid(db: Db, tmp_path: Path) -> None:
+    asyncio.run(_sighup(db, tmp_path))
+
+
+async def _sigterm_drains(db: Db, tmp_path: Path) -> None:
+    rx = await Receiver(behaviours={"/hook": slow(0.5)}).start()  # type: ignore[dict-item]
+    path = write_config(tmp_path / "bridge.yaml", config_data(
+        db.dsn, webhooks={"events": {"customer_created": rx.url()}},
+        daemon={"shutdown_timeout": 5}))
+    proc = await DaemonProc(path).start()
+    try:
+        await proc.wait_log("started")
+        db.execute("INSERT INTO customers (full_name) SELECT 'c' || g FROM generate_series(1, 3) g")
+        await rx.wait_for(lambda: len(rx.received) == 3)
+        proc.send(signal.SIGTERM)  # three requests in flight
+        assert await proc.wait(timeout=15) == 0
+    finally:
+        await proc.close()
+        await rx.stop()
+    assert states(db) == {"delivered": 3}  # drained: finished and recorded, not abandoned
+    assert db.scalar("SELECT count(*) FROM qlm_bridge.attempt_log") == 3
+
+
+def test_sigterm_drains_in_flight_and_exits_0(db: Db, tmp_path: Path) -> None:
+    asyncio.run(_sigterm_drains(db, tmp_path))
+
+
+async def _no_schema(db: Db, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bridge.yaml", config_data(db.dsn))
+    proc = await DaemonProc(path).start()
+    try:
+        assert await proc.wait() == 1
+    finally:
+        await proc.close()
+    assert "not installed" in proc.stderr and "qlm-bridge install" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_schema_exits_1_with_a_clear_message(empty_db: Db, tmp_path: Path) -> None:
+    asyncio.run(_no_schema(empty_db, tmp_path))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _unreachable(tmp_path: Path) -> None:
+    dsn = f"postgresql://bridge:pw-s3cret@127.0.0.1:{_closed_port()}/qlm"
+    path = write_config(tmp_path / "bridge.yaml", config_data(
+        dsn, database={"dsn": dsn, "connect_timeout": 1}))
+    proc = await DaemonProc(path).start()
+    try:
+        await proc.wait_log("database not reachable", occurrences=2)  # it retries
+        proc.send(signal.SIGTERM)
+        assert await proc.wait(timeout=15) == 0
+    finally:
+        await proc.close()
+    assert "retrying" in proc.stderr
+    assert "stopped before the database was reachable" in proc.stderr
+    assert "pw-s3cret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_database_at_start_retries_until_sigterm(tmp_path: Path) -> None:
+    asyncio.run(_unreachable(tmp_path))
