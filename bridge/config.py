@@ -176,6 +176,7 @@ class WebhooksConfig(_Model):
     timeout: float = Field(default=10.0, gt=0, le=600)
     max_concurrency: int = Field(default=64, ge=1, le=10000)
     per_url_concurrency: int = Field(default=8, ge=1, le=1000)
+    prefetch: int = Field(default=16, ge=0, le=10000)
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
@@ -328,6 +329,15 @@ class Config(_Model):
     def fingerprint(self) -> str:
         """A short hash of the effective config (secret included, never shown)."""
         dumped = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(dumped).hexdigest()[:12]
+
+    def subscriptions_fingerprint(self) -> str:
+        """A short hash of what decides fan-out (webhooks.events and enabled): every daemon on
+        one bridge schema must agree on it, or an event would miss the URLs only another
+        daemon knows."""
+        wh = self.webhooks
+        dumped = json.dumps({"events": {k: list(v) for k, v in wh.events.items() if v},
+                             "enabled": wh.enabled}, sort_keys=True).encode()
         return hashlib.sha256(dumped).hexdigest()[:12]
 
     def capture_modified(self) -> bool:

@@ -1,13 +1,16 @@
 """The delivery daemon: wake-up -> fan out -> claim -> deliver -> acknowledge.
 
 - Wake-ups come from the listener (NOTIFY) and a jittered poll timer; retries wake it when due.
-- It claims only what it can start at once (global and per-URL free slots), so a lease never
-  ticks for a request that is merely queued, and a black-holed URL cannot starve the others.
+- Claims are per URL and bounded: a URL holds at most `per_url_concurrency` requests in flight
+  plus `prefetch` claimed rows queued behind them, so when a request finishes the next starts at
+  once, with no database round trip; a black-holed URL fills only its own queue. A queued row
+  whose lease would run out before it could finish is given back unsent.
 - Finished attempts are acknowledged in batches by one acker task (group commit: while one ack
-  is in flight the next batch gathers); a slot is freed only once its attempt is acknowledged,
-  so what a SIGKILL can duplicate is bounded by `webhooks.max_concurrency`.
+  is in flight the next batch gathers). Claimed-but-unacknowledged rows never exceed
+  `webhooks.max_concurrency`, which therefore bounds what a SIGKILL can duplicate.
 - While it drains it tells writers to skip NOTIFY (runtime.sleeping = false); before it sleeps
-  it sets the flag and polls once more after every writer that could have missed it has ended.
+  it sets the flag (with an expiry it renews, so a dead daemon stops costing writers) and polls
+  once more after every writer that could have missed it has ended.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import secrets
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from datetime import UTC, datetime
 
 import asyncpg
@@ -30,7 +33,7 @@ from bridge import config as config_mod
 from bridge import payload
 from bridge.config import Config
 from bridge.dispatch import Dispatcher, Outcome, close_quietly
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, ConfigError
 from bridge.listener import Listener, backoff
 from bridge.observe import Metrics, serve, setup_logging
 from bridge.retry import RetryPolicy
@@ -46,6 +49,8 @@ FATAL_AT_START: tuple[type[BaseException], ...] = (
 )
 # How long a daemon whose slots are all taken waits for one to free before it goes idle.
 BUSY_WAIT = 0.05
+# How often the list of URLs with pending deliveries (incl. URLs no longer configured) is read.
+URL_REFRESH = 30.0
 # Bound on the database calls made while shutting down (the database may be gone).
 SHUTDOWN_DB_TIMEOUT = 5.0
 
@@ -74,24 +79,29 @@ class Daemon:
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._ack_wake = asyncio.Event()
-        # claimed, not yet acknowledged; keyed by (delivery id, attempt): a lease that expired
-        # while an ack was delayed can hand the same row to this daemon again
+        # claimed, not yet acknowledged (queued, running or awaiting its ack); keyed by
+        # (delivery id, attempt): a lease that expired while an ack was delayed can hand the
+        # same row to this daemon again
         self._in_flight: dict[tuple[int, int], Claimed] = {}
-        self._per_url: Counter[str] = Counter()
+        self._per_url: Counter[str] = Counter()  # claimed, not yet acknowledged, per URL
+        self._queues: dict[str, deque[tuple[Claimed, float]]] = {}  # (claimed, start by)
+        self._running: Counter[str] = Counter()  # HTTP requests in flight per URL
+        self._urls: list[str] = []  # configured URLs, then URLs with leftover deliveries
+        self._more: set[str] = set()  # URLs whose last claim may have left due rows behind
+        self._rotate = 0
         self._acks: list[Result] = []
         self._acking: list[Result] = []  # the batch being written
         self._tasks: set[asyncio.Task[None]] = set()
         self._reloads: set[asyncio.Future[None]] = set()
         self._sleeping_flag = False
+        self._flag_renewed = 0.0
         self._snapshot: str | None = None
         self._next_retry: float | None = None
         self._fan_out_due = True
         self._poll_due = True
         self._last_fan_out = 0.0
-        self._claim_short = False  # the last claim took less than it asked for
-        self._freed = 0  # attempts acknowledged (slots freed) so far
-        self._freed_at_claim = 0
         self._last_claim = 0.0
+        self._leftover_urls: list[str] = []
         self._pool: asyncpg.Pool | None = None
         self._store: Store | None = None
         self._dispatcher: Dispatcher | None = None
@@ -115,13 +125,14 @@ class Daemon:
     async def _run(self) -> None:
         cfg = self.config
         self._pool = await asyncpg.create_pool(
-            asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4,
+            asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4, reset=_no_reset,
             timeout=cfg.database.connect_timeout,
             server_settings={"application_name": "qlm-bridge"})
         self._store = Store(self._pool, cfg.database.schema_name, self.id)
         if not await self._check_schema():
             log.info("daemon %s stopped before the database was reachable", self.id)
             return
+        await self._register()
         self._dispatcher = Dispatcher(cfg.webhooks)
         await self._dispatcher.start()
         self._listener = Listener(
@@ -136,6 +147,7 @@ class Daemon:
             runner = await serve(address[0], address[1], self.metrics, self._readiness,
                                  self._refresh_gauges)
         await self._apply_db_config()
+        await self._refresh_urls()
         background = [asyncio.create_task(self._acker(), name="acker"),
                       asyncio.create_task(self._heartbeat(), name="heartbeat")]
         log.info("daemon %s started (schema %s, %d subscription(s), webhooks %s)", self.id,
@@ -201,6 +213,32 @@ class Daemon:
                 if await self._sleep_unless_stopping(delay):
                     return False
 
+    async def _register(self) -> None:
+        """First heartbeat, then refuse to run beside a live daemon that fans out differently
+        (an event fanned out by one would never reach the URLs only the other has)."""
+        assert self._store is not None
+        mine = self.config.subscriptions_fingerprint()
+        await self._store.heartbeat(socket.gethostname(), os.getpid(), mine)
+        others = await self._store.conflicting_daemons(
+            mine, 3 * self.config.daemon.heartbeat_interval)
+        if others:
+            with contextlib.suppress(*DB_ERRORS):
+                await self._store.daemon_gone()
+            raise ConfigError(
+                "webhooks.events/enabled differ from those of the running daemon(s) "
+                + ", ".join(others) + " on the same bridge schema; every daemon must fan out "
+                "alike: stop them first, or edit every config and send SIGHUP to each daemon")
+
+    async def _refresh_urls(self) -> None:
+        """Claim from the configured URLs and from URLs that still have pending deliveries."""
+        assert self._store is not None
+        with contextlib.suppress(*DB_ERRORS):
+            self._leftover_urls = await self._store.pending_urls()
+        configured = list(dict.fromkeys(url for _, url in self.config.webhooks.subscriptions()))
+        extra = [u for u in self._leftover_urls if u not in set(configured)]
+        self._urls = configured + extra
+        self._more.update(self._urls)
+
     async def _apply_db_config(self) -> None:
         assert self._store is not None
         try:
@@ -235,6 +273,16 @@ class Daemon:
             asyncio.get_running_loop().call_later(
                 delay, lambda: asyncio.ensure_future(close_quietly(stale)))
         await self._apply_db_config()
+        await self._refresh_urls()
+        if new.subscriptions_fingerprint() != old.subscriptions_fingerprint():
+            others = []
+            with contextlib.suppress(*DB_ERRORS):
+                others = await self._store.conflicting_daemons(
+                    new.subscriptions_fingerprint(), 3 * new.daemon.heartbeat_interval) \
+                    if self._store is not None else []
+            if others:
+                log.warning("webhooks.events changed here but not yet on %s: reload them too",
+                            ", ".join(others))
         self._wake.set()
         log.info("config reloaded (%d subscription(s), webhooks %s)",
                  len(new.webhooks.subscriptions()),
@@ -262,67 +310,74 @@ class Daemon:
                 await self._sleep_unless_stopping(delay)
 
     async def _cycle(self) -> bool:
-        """One pass: fan out new events, claim what can start now, start it."""
+        """One pass: fan out new events, claim what there is room for, start it."""
         assert self._store is not None
         cfg = self.config
         woken = self._wake.is_set() or self._poll_due
         self._wake.clear()
         self._poll_due = False
-        # Fan out when there may be new events: woken (NOTIFY, poll, reconnect, reload, the
-        # "poll once more" of the idle path), the last claim could not fill the free slots,
-        # the last fan-out was a full batch, or a poll interval went by. While a backlog keeps
-        # every slot busy, the round trip is saved.
-        fanned, skipped = 0, True
         now = time.monotonic()
+        # Fan out only when there may be new events: woken (NOTIFY, poll, reconnect, reload,
+        # the "poll once more" of the idle path), the last fan-out was a full batch, or a poll
+        # interval went by. Slot refills while draining a backlog skip the round trip.
+        fanned = 0
         if (woken or self._fan_out_due or not cfg.webhooks.enabled
                 or now - self._last_fan_out >= cfg.daemon.poll_interval):
-            skipped, self._fan_out_due, self._last_fan_out = False, False, now
+            self._last_fan_out = now
             fanned = await self._store.fan_out(cfg.daemon.batch_size,
                                                cfg.webhooks.subscriptions(), cfg.webhooks.enabled)
             self._fan_out_due = fanned >= cfg.daemon.batch_size
-        if fanned:
-            self.metrics.fanned_out.inc(fanned)
+            if fanned:
+                self.metrics.fanned_out.inc(fanned)
         if not cfg.webhooks.enabled:
             return fanned > 0
-        free = cfg.webhooks.max_concurrency - len(self._in_flight)
-        if free <= 0:
-            self._slot_free.clear()
-            await self._wait_any((self._slot_free,), cfg.daemon.poll_interval)
-            return True
-        if not (woken or fanned) and self._claim_pointless(now):
-            return False
-        saturated, caps = self._url_slots()
-        limit = min(free, cfg.daemon.batch_size)
-        claimed = await self._store.claim(limit, cfg.daemon.lease, saturated, caps,
-                                          cfg.webhooks.per_url_concurrency)
-        self._claim_short = len(claimed) < limit
-        self._freed_at_claim, self._last_claim = self._freed, now
-        if self._next_retry is not None and now >= self._next_retry:
-            self._next_retry = None
-        if self._claim_short:
-            self._fan_out_due = True
+        retry_due = self._next_retry is not None and now >= self._next_retry
+        if woken or fanned or retry_due or now - self._last_claim >= cfg.daemon.poll_interval:
+            self._more.update(self._urls)  # anything may be due: ask every URL with room
+            if retry_due:
+                self._next_retry = None
+        wanted = {u: n for u, n in self._room().items() if u in self._more}
+        if not wanted:
+            return fanned > 0 or self._fan_out_due
+        self._last_claim = now
+        claimed = await self._store.claim(wanted, cfg.daemon.lease)
+        got = Counter(c.url for c in claimed)
+        for url, asked in wanted.items():
+            if got[url] < asked:
+                self._more.discard(url)  # drained for now; a wake-up or a poll asks again
+        # a queued row must start while its lease still covers a whole request
+        budget = cfg.daemon.lease - cfg.webhooks.timeout
+        start_by = time.monotonic() + budget - min(1.0, budget / 4)
         for c in claimed:
-            self._start(c)
+            self._enqueue(c, start_by)
+        for url in got:
+            self._pump(url)
         if claimed and self._sleeping_flag:
             self._sleeping_flag = False
             await self._store.set_sleeping(False)  # draining: writers may skip NOTIFY
-        # a skipped fan-out counts as progress: the next pass fans out before going idle
-        return fanned > 0 or bool(claimed) or (skipped and self._fan_out_due)
+        return fanned > 0 or bool(claimed) or self._fan_out_due
 
-    def _claim_pointless(self, now: float) -> bool:
-        """The last claim found less than it could take and nothing changed since (no new
-        deliveries, no freed slot, no retry due, less than a poll interval ago): claiming
-        again would only rescan the queue. (With a URL at its limit the claim skips that
-        URL's rows one by one, so this keeps a long backlog from costing a scan per pass.)"""
-        return (self._claim_short and self._freed == self._freed_at_claim
-                and (self._next_retry is None or now < self._next_retry)
-                and now - self._last_claim < self.config.daemon.poll_interval)
-
-    def _url_slots(self) -> tuple[list[str], dict[str, int]]:
-        limit = self.config.webhooks.per_url_concurrency
-        saturated = [u for u, n in self._per_url.items() if n >= limit]
-        caps = {u: limit - n for u, n in self._per_url.items() if 0 < n < limit}
-        return saturated, caps
+    def _room(self) -> dict[str, int]:
+        """How many rows each URL may claim now: its own bound (in flight + prefetch, but never
+        more than its share of `max_concurrency`, so a stuck URL's queue cannot take the room
+        of the others) and the global bound on claimed-but-unacknowledged rows."""
+        wh = self.config.webhooks
+        total = wh.max_concurrency - len(self._in_flight)
+        if total <= 0 or not self._urls:
+            return {}
+        share = max(wh.per_url_concurrency, wh.max_concurrency // len(self._urls))
+        per_url = min(wh.per_url_concurrency + wh.prefetch, share)
+        start = self._rotate % len(self._urls)
+        self._rotate += 1
+        room: dict[str, int] = {}
+        for url in self._urls[start:] + self._urls[:start]:  # rotate: fair when short of room
+            n = min(per_url - self._per_url[url], total)
+            if n > 0:
+                room[url] = n
+                total -= n
+                if total <= 0:
+                    break
+        return room
 
     async def _idle(self) -> None:
         """Nothing to do: make sure writers will notify, then wait for a reason to look again."""
@@ -336,9 +391,11 @@ class Daemon:
             if woke:
                 return
         self._poll_due = True  # whatever ends this wait, the next pass fans out and claims
-        if not self._sleeping_flag:
-            await self._store.set_sleeping(True)
+        if not self._sleeping_flag or \
+                time.monotonic() - self._flag_renewed >= self.config.daemon.poll_interval:
+            await self._store.set_sleeping(True, 3 * self.config.daemon.poll_interval + 5)
             self._sleeping_flag = True
+            self._flag_renewed = time.monotonic()
             snapshot = await self._store.current_snapshot()
             self._snapshot = snapshot if _snapshot_has_writers(snapshot) else None
             return  # poll once more: a writer may have committed before the flag was set
@@ -351,10 +408,8 @@ class Daemon:
             timeout = min(timeout, max(0.0, self._next_retry - now))
         if self._snapshot is not None:
             timeout = min(timeout, 0.01)
-        woke = await self._wait_any((self._wake, self._slot_free), timeout)
+        await self._wait_any((self._wake, self._slot_free), timeout)
         self._slot_free.clear()
-        if not woke and self._snapshot is None:
-            self._sleeping_flag = False  # on each poll, re-assert the flag (cheap no-op UPDATE)
 
     async def _wait_any(self, events: tuple[asyncio.Event, ...], timeout: float) -> bool:
         if any(e.is_set() for e in events):
@@ -377,13 +432,53 @@ class Daemon:
 
     # --- delivering --------------------------------------------------------------------------
 
-    def _start(self, c: Claimed) -> None:
+    def _enqueue(self, c: Claimed, start_by: float) -> None:
         self._in_flight[(c.id, c.attempt)] = c
         self._per_url[c.url] += 1
+        self._queues.setdefault(c.url, deque()).append((c, start_by))
         self.metrics.in_flight.set(len(self._in_flight))
-        task = asyncio.create_task(self._deliver(c))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+    def _pump(self, url: str) -> None:
+        """Start queued deliveries of one URL while it has free request slots."""
+        queue = self._queues.get(url)
+        limit = self.config.webhooks.per_url_concurrency
+        expired: list[Claimed] = []
+        while queue and self._running[url] < limit and not self.stopping:
+            c, start_by = queue.popleft()
+            if time.monotonic() > start_by:
+                expired.append(c)  # its lease would run out mid-request: give it back
+                continue
+            self._running[url] += 1
+            task = asyncio.create_task(self._deliver(c))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if queue is not None and not queue:
+            del self._queues[url]
+        if expired:
+            self._give_back(expired)
+
+    def _give_back(self, claimed: list[Claimed]) -> None:
+        for c in claimed:
+            self._forget(c)
+        self._slot_free.set()
+        if self._store is not None:
+            task = asyncio.create_task(self._release([c.id for c in claimed]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, ids: list[int]) -> None:
+        assert self._store is not None
+        try:
+            await self._store.release(ids)
+        except Exception as exc:  # their leases expire by themselves
+            log.warning("could not give back %d claimed delivery(ies): %s", len(ids),
+                        _describe(exc))
+
+    def _forget(self, c: Claimed) -> None:
+        if self._in_flight.pop((c.id, c.attempt), None) is not None:
+            self._per_url[c.url] -= 1
+            if self._per_url[c.url] <= 0:
+                del self._per_url[c.url]
 
     async def _deliver(self, c: Claimed) -> None:
         assert self._dispatcher is not None
@@ -406,6 +501,10 @@ class Daemon:
         self._acks.append(Result(c, state, retry_in, out.status, out.error, started,
                                  out.duration_ms, out.response_body))
         self._ack_wake.set()
+        self._running[c.url] -= 1
+        if self._running[c.url] <= 0:
+            del self._running[c.url]
+        self._pump(c.url)  # the next queued delivery of this URL starts now
 
     def _record(self, c: Claimed, out: Outcome, state: str, retry_in: float | None) -> None:
         m, ev, url = self.metrics, c.event.event_type, c.url
@@ -459,15 +558,11 @@ class Daemon:
         now = time.monotonic()
         for r in batch:
             c = r.claimed
-            if self._in_flight.pop((c.id, c.attempt), None) is not None:
-                self._per_url[c.url] -= 1
-                if self._per_url[c.url] <= 0:
-                    del self._per_url[c.url]
+            self._forget(c)
             if r.retry_in is not None:
                 due = now + r.retry_in + 0.005
                 self._next_retry = due if self._next_retry is None else min(self._next_retry,
                                                                             due)
-        self._freed += len(batch)
         self.metrics.in_flight.set(len(self._in_flight))
         self._slot_free.set()
 
@@ -476,12 +571,16 @@ class Daemon:
     async def _heartbeat(self) -> None:
         assert self._store is not None
         hostname, pid = socket.gethostname(), os.getpid()
-        last_prune = time.monotonic()
+        last_prune = last_urls = time.monotonic()
         while True:
             try:
-                await self._store.heartbeat(hostname, pid, self.config.fingerprint())
+                await self._store.heartbeat(hostname, pid,
+                                            self.config.subscriptions_fingerprint())
             except Exception as exc:
                 log.debug("heartbeat failed: %s", _describe(exc))
+            if time.monotonic() - last_urls >= URL_REFRESH:
+                last_urls = time.monotonic()
+                await self._refresh_urls()
             interval = self.config.retention.prune_interval
             if interval and time.monotonic() - last_prune >= interval:
                 last_prune = time.monotonic()
@@ -560,6 +659,12 @@ class Daemon:
         if not await self._store.other_daemons_alive(3 * self.config.daemon.heartbeat_interval):
             await self._store.set_sleeping(False)  # nobody listens: writers skip NOTIFY
         await self._store.daemon_gone()
+
+
+async def _no_reset(_: asyncpg.Connection) -> None:
+    """Pool connections keep no session state (no LISTEN, no SET, no advisory locks: the
+    listener has its own connection), so asyncpg's reset round trip on every release is
+    skipped."""
 
 
 def _describe(exc: BaseException) -> str:

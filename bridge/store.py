@@ -91,13 +91,15 @@ class Store:
             [s[1] for s in subscriptions], enabled)
         return int(row["events"]) if row else 0
 
-    async def claim(self, limit: int, lease: float, saturated: Sequence[str],
-                    caps: dict[str, int], idle_cap: int, now: datetime | None = None
-                    ) -> list[Claimed]:
-        rows = await self.pool.fetch(
-            self.q["claim"], limit, self.owner, lease, list(saturated), list(caps),
-            list(caps.values()), idle_cap, now)
+    async def claim(self, wanted: dict[str, int], lease: float,
+                    now: datetime | None = None) -> list[Claimed]:
+        """Claim up to ``wanted[url]`` due deliveries of each URL, in one statement."""
+        rows = await self.pool.fetch(self.q["claim"], list(wanted), list(wanted.values()),
+                                     self.owner, lease, now)
         return [_claimed(r) for r in rows]
+
+    async def pending_urls(self) -> list[str]:
+        return [r[0] for r in await self.pool.fetch(self.q["pending_urls"])]
 
     async def ack(self, results: Sequence[Result]) -> None:
         cols: list[list[Any]] = [[] for _ in range(12)]
@@ -112,8 +114,8 @@ class Store:
     async def release(self, ids: Sequence[int]) -> None:
         await self.pool.execute(self.q["release"], list(ids), self.owner)
 
-    async def set_sleeping(self, sleeping: bool) -> None:
-        await self.pool.execute(self.q["set_sleeping"], sleeping)
+    async def set_sleeping(self, sleeping: bool, expires_in: float = 0.0) -> None:
+        await self.pool.execute(self.q["set_sleeping"], sleeping, expires_in)
 
     async def current_snapshot(self) -> str:
         return str(await self.pool.fetchval(self.q["current_snapshot"]))
@@ -126,6 +128,11 @@ class Store:
 
     async def daemon_gone(self) -> None:
         await self.pool.execute(self.q["daemon_gone"], self.owner)
+
+    async def conflicting_daemons(self, config_hash: str, within: float) -> list[str]:
+        rows = await self.pool.fetch(self.q["conflicting_daemons"], self.owner, config_hash,
+                                     within)
+        return [f"{r['id']} (host {r['hostname']}, pid {r['pid']})" for r in rows]
 
     async def other_daemons_alive(self, within: float) -> int:
         return int(await self.pool.fetchval(self.q["other_daemons_alive"], self.owner, within))

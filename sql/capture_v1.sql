@@ -45,7 +45,8 @@ BEGIN
     END IF;
     INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, row_data, previous)
     VALUES (ev, 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP, newj, prev);
-    IF (SELECT r.sleeping FROM __SCHEMA__.runtime r WHERE r.id = 1) THEN
+    IF (SELECT r.sleeping AND (r.sleeping_until IS NULL OR r.sleeping_until > now())
+          FROM __SCHEMA__.runtime r WHERE r.id = 1) THEN
         PERFORM pg_notify(__CHANNEL__, '');
     END IF;
     RETURN NULL;
@@ -79,7 +80,8 @@ BEGIN
     END IF;
     INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, row_data, previous)
     VALUES (ev, 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP, newj, prev);
-    IF (SELECT r.sleeping FROM __SCHEMA__.runtime r WHERE r.id = 1) THEN
+    IF (SELECT r.sleeping AND (r.sleeping_until IS NULL OR r.sleeping_until > now())
+          FROM __SCHEMA__.runtime r WHERE r.id = 1) THEN
         PERFORM pg_notify(__CHANNEL__, '');
     END IF;
     RETURN NULL;

@@ -27,37 +27,31 @@ WITH ev AS (
 SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM ins) AS deliveries;
 
 -- name: claim
--- Claim up to $1 due deliveries for owner $2 with a lease of $3 seconds, in one statement.
--- $4 = URLs with no free slot in this daemon; $5/$6 = (url, free slots) for URLs with some
--- requests in flight; $7 = slots of an idle URL. Rows locked by another claimer are skipped;
--- a row whose lease expired is claimable again (a crashed daemon's work is reclaimed).
-WITH cand AS (
-    SELECT d.id, d.url, d.next_attempt_at
-      FROM __SCHEMA__.delivery d
-     WHERE d.state = 'pending'
-       AND d.next_attempt_at <= coalesce($8::timestamptz, now())
-       AND (d.locked_until IS NULL OR d.locked_until < coalesce($8::timestamptz, now()))
-       AND d.url <> ALL ($4::text[])
-     ORDER BY d.next_attempt_at, d.id
-     LIMIT $1 * 4
-), ranked AS (
-    SELECT c.id, c.next_attempt_at,
-           row_number() OVER (PARTITION BY c.url ORDER BY c.next_attempt_at, c.id) AS rn,
-           coalesce(cap.free, $7::int) AS free
-      FROM cand c
-      LEFT JOIN unnest($5::text[], $6::int[]) AS cap(url, free) ON cap.url = c.url
-), pick AS (
-    SELECT r.id FROM ranked r WHERE r.rn <= r.free ORDER BY r.next_attempt_at, r.id LIMIT $1
+-- Claim due deliveries for owner $3 with a lease of $4 seconds, in one statement: up to $2[i]
+-- rows of URL $1[i] (the daemon asks only for what it has room for). Each URL's rows come from
+-- its own index range, so a long backlog for one URL costs the others nothing. Rows locked by
+-- another claimer are skipped; a row whose lease expired is claimable again (a crashed
+-- daemon's work is reclaimed).
+WITH want AS (
+    SELECT w.url, w.n FROM unnest($1::text[], $2::int[]) AS w(url, n) WHERE w.n > 0
 ), due AS (
-    SELECT d.id
-      FROM __SCHEMA__.delivery d JOIN pick ON pick.id = d.id
-     WHERE d.state = 'pending'
-       AND (d.locked_until IS NULL OR d.locked_until < coalesce($8::timestamptz, now()))
-       FOR UPDATE OF d SKIP LOCKED
+    SELECT pick.id
+      FROM want
+     CROSS JOIN LATERAL (
+        SELECT d.id
+          FROM __SCHEMA__.delivery d
+         WHERE d.url = want.url
+           AND d.state = 'pending'
+           AND d.next_attempt_at <= coalesce($5::timestamptz, now())
+           AND (d.locked_until IS NULL OR d.locked_until < coalesce($5::timestamptz, now()))
+         ORDER BY d.next_attempt_at, d.id
+         LIMIT want.n
+           FOR UPDATE SKIP LOCKED
+     ) AS pick
 )
 UPDATE __SCHEMA__.delivery d
-   SET locked_by = $2,
-       locked_until = coalesce($8::timestamptz, now()) + make_interval(secs => $3::float8),
+   SET locked_by = $3,
+       locked_until = coalesce($5::timestamptz, now()) + make_interval(secs => $4::float8),
        attempts = d.attempts + 1,
        updated_at = now()
   FROM due, __SCHEMA__.event e
@@ -71,6 +65,11 @@ RETURNING d.id, d.url, d.attempts, e.event_id, e.event_type, e.kind, e.created_a
              FROM jsonb_each(e.previous) AS j
              LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
           )::text AS previous;
+
+-- name: pending_urls
+-- Every URL with pending deliveries (also URLs no longer in the config: what was fanned out to
+-- them is still delivered). Refreshed now and then, not per claim.
+SELECT DISTINCT d.url FROM __SCHEMA__.delivery d WHERE d.state = 'pending';
 
 -- name: ack
 -- Record a batch of finished attempts in one round trip: update each delivery (only if this
@@ -110,8 +109,12 @@ UPDATE __SCHEMA__.delivery d
  WHERE d.id = ANY ($1::bigint[]) AND d.locked_by = $2;
 
 -- name: set_sleeping
-UPDATE __SCHEMA__.runtime SET sleeping = $1::boolean
- WHERE id = 1 AND sleeping IS DISTINCT FROM $1::boolean;
+-- Idle ($1 true): writers NOTIFY until now() + $2 seconds; the idle daemon renews it every poll.
+-- Draining ($1 false): writers skip NOTIFY.
+UPDATE __SCHEMA__.runtime
+   SET sleeping = $1::boolean,
+       sleeping_until = CASE WHEN $1::boolean THEN now() + make_interval(secs => $2::float8) END
+ WHERE id = 1 AND ($1::boolean OR sleeping);
 
 -- name: set_capture_modified
 UPDATE __SCHEMA__.runtime SET capture_modified = $1::boolean
@@ -124,7 +127,7 @@ SELECT pg_current_snapshot()::text;
 -- True once every transaction in progress at snapshot $1 has ended: a writer that read
 -- runtime.sleeping = false before the daemon set it true has committed (or aborted) by then.
 SELECT NOT EXISTS (
-    SELECT 1 FROM pg_snapshot_xip($1::pg_snapshot) AS x(xid)
+    SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) AS x(xid)
      WHERE x.xid IN (SELECT pg_snapshot_xip(pg_current_snapshot()))
 );
 
@@ -140,6 +143,16 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), config_hash = EXCLUDED.conf
 
 -- name: daemon_gone
 DELETE FROM __SCHEMA__.daemon WHERE id = $1;
+
+-- name: conflicting_daemons
+-- Live daemons, registered before daemon $1, whose subscriptions (webhooks.events + enabled)
+-- differ from $2 (of two started at once, the later one gives way).
+SELECT o.id, o.hostname, o.pid
+  FROM __SCHEMA__.daemon o, __SCHEMA__.daemon me
+ WHERE me.id = $1 AND o.id <> $1
+   AND o.heartbeat_at > now() - make_interval(secs => $3::float8)
+   AND o.config_hash IS DISTINCT FROM $2
+   AND (o.started_at, o.id) < (me.started_at, me.id);
 
 -- name: other_daemons_alive
 SELECT count(*) FROM __SCHEMA__.daemon

@@ -47,9 +47,13 @@ CREATE TABLE __SCHEMA__.delivery (
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (event_id, url)
-);
+) WITH (fillfactor = 80);
+-- Only pending rows are indexed for claiming, and no index covers the columns a claim sets
+-- (lease, owner, attempts), so claims are HOT updates that leave the indexes alone.
 CREATE INDEX delivery_due_idx ON __SCHEMA__.delivery (next_attempt_at, id) WHERE state = 'pending';
-CREATE INDEX delivery_state_idx ON __SCHEMA__.delivery (state, updated_at);
+-- The per-URL claim: the next due rows of one URL, whatever the backlog of the others.
+CREATE INDEX delivery_url_due_idx ON __SCHEMA__.delivery (url, next_attempt_at, id)
+    WHERE state = 'pending';
 
 -- QLM's log table: one row per HTTP invocation.
 CREATE TABLE __SCHEMA__.attempt_log (
@@ -82,10 +86,14 @@ CREATE TABLE __SCHEMA__.daemon (
 -- One row of runtime switches read by the capture triggers:
 --   sleeping: some daemon may be idle, so writers NOTIFY (while every daemon drains, they skip the
 --             NOTIFY and its cluster-wide commit lock);
+--   sleeping_until: the idle daemon renews this every poll; once it has passed (the daemon died)
+--             writers stop notifying, so a crashed daemon does not leave every commit paying
+--             for NOTIFY. NULL means no expiry.
 --   capture_modified: a URL subscribes to license_modified, so plain license UPDATEs are captured.
 CREATE TABLE __SCHEMA__.runtime (
     id               integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
     sleeping         boolean NOT NULL DEFAULT true,
+    sleeping_until   timestamptz,
     capture_modified boolean NOT NULL DEFAULT false
 );
 INSERT INTO __SCHEMA__.runtime (id) VALUES (1);

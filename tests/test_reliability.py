@@ -218,8 +218,6 @@ def test_install_by_a_role_without_create_rights(empty_db: Db) -> None:
         empty_db.execute(f"DROP ROLE {role}")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (RELIABILITY.md): each daemon fans out with "
-                   "its own subscriptions; the daemon should refuse a second, different config")
 def test_two_daemons_with_different_configs(db: Db) -> None:
     """Each daemon fans out with its own subscriptions: an event fanned out by one never
     reaches a URL only the other subscribes. The second daemon must be refused, or both URLs
