@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bridge.config import WebhooksConfig
 from bridge.dispatch import Dispatcher
@@ -44,11 +45,21 @@ async def blast(url: str, n: int, concurrency: int, body: bytes,
     return {"start": start, "end": end, "ok": ok, "errors": errors}
 
 
+def _run(coro: Any) -> Any:
+    """The same event loop as the daemon (uvloop where installed): a like-for-like ceiling."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main() -> None:
     url, n, c, body_file, headers_file = sys.argv[1:6]
     body = Path(body_file).read_bytes()
     headers = json.loads(Path(headers_file).read_text())
-    result = asyncio.run(blast(url, int(n), int(c), body, headers))
+    result = _run(blast(url, int(n), int(c), body, headers))
     print(json.dumps(result), flush=True)
 
 

@@ -176,7 +176,7 @@ class WebhooksConfig(_Model):
     timeout: float = Field(default=10.0, gt=0, le=600)
     max_concurrency: int = Field(default=64, ge=1, le=10000)
     per_url_concurrency: int = Field(default=8, ge=1, le=1000)
-    prefetch: int = Field(default=16, ge=0, le=10000)
+    prefetch: int = Field(default=32, ge=0, le=10000)
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False

@@ -25,7 +25,9 @@ import signal
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -88,7 +90,9 @@ class Daemon:
         self._running: Counter[str] = Counter()  # HTTP requests in flight per URL
         self._urls: list[str] = []  # configured URLs, then URLs with leftover deliveries
         self._more: set[str] = set()  # URLs whose last claim may have left due rows behind
-        self._rotate = 0
+        # requests started and not yet acknowledged: what a SIGKILL could duplicate; bounded
+        # by webhooks.max_concurrency
+        self._sent = 0
         self._acks: list[Result] = []
         self._acking: list[Result] = []  # the batch being written
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,6 +102,10 @@ class Daemon:
         self._snapshot: str | None = None
         self._next_retry: float | None = None
         self._fan_out_due = True
+        self._fan_task: asyncio.Task[None] | None = None
+        self._fan_done = asyncio.Event()
+        self._fanned = 0  # events fanned out since the last claim pass
+        self._fan_error: BaseException | None = None
         self._poll_due = True
         self._last_fan_out = 0.0
         self._last_claim = 0.0
@@ -310,74 +318,96 @@ class Daemon:
                 await self._sleep_unless_stopping(delay)
 
     async def _cycle(self) -> bool:
-        """One pass: fan out new events, claim what there is room for, start it."""
+        """One pass: start a fan-out of new events (in the background, so delivering goes on
+        meanwhile), claim what there is room for, start it."""
         assert self._store is not None
         cfg = self.config
+        if self._fan_error is not None:
+            error, self._fan_error = self._fan_error, None
+            raise error
         woken = self._wake.is_set() or self._poll_due
         self._wake.clear()
         self._poll_due = False
         now = time.monotonic()
         # Fan out only when there may be new events: woken (NOTIFY, poll, reconnect, reload,
         # the "poll once more" of the idle path), the last fan-out was a full batch, or a poll
-        # interval went by. Slot refills while draining a backlog skip the round trip.
-        fanned = 0
-        if (woken or self._fan_out_due or not cfg.webhooks.enabled
-                or now - self._last_fan_out >= cfg.daemon.poll_interval):
-            self._last_fan_out = now
-            fanned = await self._store.fan_out(cfg.daemon.batch_size,
-                                               cfg.webhooks.subscriptions(), cfg.webhooks.enabled)
-            self._fan_out_due = fanned >= cfg.daemon.batch_size
-            if fanned:
-                self.metrics.fanned_out.inc(fanned)
+        # interval went by.
+        if (woken or self._fan_out_due or now - self._last_fan_out >= cfg.daemon.poll_interval):
+            if self._fan_task is None:
+                self._last_fan_out = now
+                self._fan_out_due = False
+                self._fan_task = asyncio.create_task(self._fan_out(), name="fan-out")
+            else:
+                self._fan_out_due = True  # once more after the running one: it may be late
+        fanned, self._fanned = self._fanned, 0
         if not cfg.webhooks.enabled:
-            return fanned > 0
+            return await self._await_fan_out() or fanned > 0
         retry_due = self._next_retry is not None and now >= self._next_retry
         if woken or fanned or retry_due or now - self._last_claim >= cfg.daemon.poll_interval:
             self._more.update(self._urls)  # anything may be due: ask every URL with room
             if retry_due:
                 self._next_retry = None
         wanted = {u: n for u, n in self._room().items() if u in self._more}
-        if not wanted:
-            return fanned > 0 or self._fan_out_due
-        self._last_claim = now
-        claimed = await self._store.claim(wanted, cfg.daemon.lease)
-        got = Counter(c.url for c in claimed)
-        for url, asked in wanted.items():
-            if got[url] < asked:
-                self._more.discard(url)  # drained for now; a wake-up or a poll asks again
-        # a queued row must start while its lease still covers a whole request
-        budget = cfg.daemon.lease - cfg.webhooks.timeout
-        start_by = time.monotonic() + budget - min(1.0, budget / 4)
-        for c in claimed:
-            self._enqueue(c, start_by)
-        for url in got:
-            self._pump(url)
-        if claimed and self._sleeping_flag:
-            self._sleeping_flag = False
-            await self._store.set_sleeping(False)  # draining: writers may skip NOTIFY
-        return fanned > 0 or bool(claimed) or self._fan_out_due
+        claimed: list[Claimed] = []
+        if wanted:
+            self._last_claim = now
+            claimed = await self._store.claim(wanted, cfg.daemon.lease)
+            got = Counter(c.url for c in claimed)
+            for url, asked in wanted.items():
+                if got[url] < asked:
+                    self._more.discard(url)  # drained for now; a wake-up or a poll asks again
+            # a queued row must start while its lease still covers a whole request
+            budget = cfg.daemon.lease - cfg.webhooks.timeout
+            start_by = time.monotonic() + budget - min(1.0, budget / 4)
+            for c in claimed:
+                self._enqueue(c, start_by)
+            for url in got:
+                self._pump(url)
+            if claimed and self._sleeping_flag:
+                self._sleeping_flag = False
+                await self._store.set_sleeping(False)  # draining: writers may skip NOTIFY
+        if claimed or fanned:
+            return True
+        return await self._await_fan_out()
+
+    async def _fan_out(self) -> None:
+        """One fan-out statement; its result wakes the claim loop."""
+        assert self._store is not None
+        cfg = self.config
+        try:
+            n = await self._store.fan_out(cfg.daemon.batch_size, cfg.webhooks.subscriptions(),
+                                          cfg.webhooks.enabled)
+        except Exception as exc:  # handed to the main loop, which backs off and fans out again
+            self._fan_error = exc
+            self._fan_out_due = True
+            n = 0
+        finally:
+            self._fan_task = None
+        if n:
+            self.metrics.fanned_out.inc(n)
+            self._fanned += n
+        if n >= cfg.daemon.batch_size:
+            self._fan_out_due = True
+        self._fan_done.set()
+
+    async def _await_fan_out(self) -> bool:
+        """Nothing claimed: if a fan-out is running (or one is due), wait for it (or a freed
+        slot, or a wake-up) instead of going idle; True when there is a reason to look again."""
+        if self._fan_task is None and not self._fan_out_due and not self._fanned \
+                and self._fan_error is None:
+            return False
+        if self._fan_task is not None:
+            self._fan_done.clear()
+            await self._wait_any((self._fan_done, self._wake), self.config.daemon.poll_interval)
+        return True
 
     def _room(self) -> dict[str, int]:
-        """How many rows each URL may claim now: its own bound (in flight + prefetch, but never
-        more than its share of `max_concurrency`, so a stuck URL's queue cannot take the room
-        of the others) and the global bound on claimed-but-unacknowledged rows."""
+        """How many rows each URL may claim now: room for `per_url_concurrency` requests in
+        flight plus `prefetch` queued behind them (a stuck URL fills only its own queue)."""
         wh = self.config.webhooks
-        total = wh.max_concurrency - len(self._in_flight)
-        if total <= 0 or not self._urls:
-            return {}
-        share = max(wh.per_url_concurrency, wh.max_concurrency // len(self._urls))
-        per_url = min(wh.per_url_concurrency + wh.prefetch, share)
-        start = self._rotate % len(self._urls)
-        self._rotate += 1
-        room: dict[str, int] = {}
-        for url in self._urls[start:] + self._urls[:start]:  # rotate: fair when short of room
-            n = min(per_url - self._per_url[url], total)
-            if n > 0:
-                room[url] = n
-                total -= n
-                if total <= 0:
-                    break
-        return room
+        cap = wh.per_url_concurrency + wh.prefetch
+        room = {url: cap - self._per_url[url] for url in self._urls}
+        return {url: n for url, n in room.items() if n > 0}
 
     async def _idle(self) -> None:
         """Nothing to do: make sure writers will notify, then wait for a reason to look again."""
@@ -443,12 +473,15 @@ class Daemon:
         queue = self._queues.get(url)
         limit = self.config.webhooks.per_url_concurrency
         expired: list[Claimed] = []
-        while queue and self._running[url] < limit and not self.stopping:
+        total = self.config.webhooks.max_concurrency
+        while (queue and self._running[url] < limit and self._sent < total
+               and not self.stopping):
             c, start_by = queue.popleft()
             if time.monotonic() > start_by:
                 expired.append(c)  # its lease would run out mid-request: give it back
                 continue
             self._running[url] += 1
+            self._sent += 1
             task = asyncio.create_task(self._deliver(c))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -556,6 +589,7 @@ class Daemon:
 
     def _finish(self, batch: list[Result]) -> None:
         now = time.monotonic()
+        self._sent -= len(batch)
         for r in batch:
             c = r.claimed
             self._forget(c)
@@ -564,6 +598,8 @@ class Daemon:
                 self._next_retry = due if self._next_retry is None else min(self._next_retry,
                                                                             due)
         self.metrics.in_flight.set(len(self._in_flight))
+        for url in list(self._queues):  # requests held back by max_concurrency may start now
+            self._pump(url)
         self._slot_free.set()
 
     # --- housekeeping ------------------------------------------------------------------------
@@ -622,6 +658,10 @@ class Daemon:
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
         assert self._store is not None
+        if self._fan_task is not None:  # a fan-out is one short statement: let it commit
+            fan = self._fan_task
+            await asyncio.wait({fan}, timeout=SHUTDOWN_DB_TIMEOUT)
+            fan.cancel()
         pending = set(self._tasks)
         if pending:
             await asyncio.wait(pending, timeout=self.config.daemon.shutdown_timeout)
@@ -672,11 +712,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (a faster event loop and socket transport: the
+    daemon spends most of its time in them), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def main(config: Config, config_path: str | None) -> None:
     """`qlm-bridge run`: log setup, the event loop, signals."""
     setup_logging(config.observe.log_format, config.observe.log_level)
     daemon = Daemon(config, config_path)
     try:
-        asyncio.run(daemon.run(install_signals=True))
+        run_loop(daemon.run(install_signals=True))
     except (OSError, asyncpg.PostgresError) as exc:
         raise BridgeError(f"cannot start: {_describe(exc)}") from None
