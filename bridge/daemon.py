@@ -311,7 +311,11 @@ class Daemon:
                 delay = backoff(failures, base=0.05, cap=self.config.daemon.reconnect_max_delay)
                 failures += 1
                 self._sleeping_flag = False  # re-assert the flag once back
-                if isinstance(exc, DB_ERRORS):
+                if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedFunctionError):
+                    log.error("the bridge schema %r is gone (uninstalled with --drop-data?): "
+                              "reinstall it or stop this daemon; retrying in %.2f s",
+                              self.config.database.schema_name, delay)
+                elif isinstance(exc, DB_ERRORS):
                     log.warning("database error (%s); retrying in %.2f s", _describe(exc), delay)
                 else:
                     log.exception("unexpected error; retrying in %.2f s", delay)
