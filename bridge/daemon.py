@@ -379,16 +379,19 @@ class Daemon:
         assert self._store is not None
         cfg = self.config
         try:
-            n = await self._store.fan_out(cfg.daemon.batch_size, cfg.webhooks.subscriptions(),
-                                          cfg.webhooks.enabled)
+            by_type = await self._store.fan_out(cfg.daemon.batch_size,
+                                                cfg.webhooks.subscriptions(),
+                                                cfg.webhooks.enabled)
+            n = sum(by_type.values())
         except Exception as exc:  # handed to the main loop, which backs off and fans out again
             self._fan_error = exc
             self._fan_out_due = True
-            n = 0
+            by_type, n = {}, 0
         finally:
             self._fan_task = None
         if n:
-            self.metrics.fanned_out.inc(n)
+            for event_type, count in by_type.items():
+                self.metrics.fanned_out.labels(event_type).inc(count)
             self._fanned += n
         if n >= cfg.daemon.batch_size:
             self._fan_out_due = True

@@ -26,7 +26,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.fanned_out = Counter("qlm_bridge_events_fanned_out_total",
-                                  "Captured events fanned out to deliveries", registry=r)
+                                  "Captured events fanned out to deliveries, by event type",
+                                  ["event_type"], registry=r)
         self.attempts = Counter("qlm_bridge_delivery_attempts_total",
                                 "HTTP invocations by outcome",
                                 ["event_type", "url", "outcome"], registry=r)

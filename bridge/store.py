@@ -85,11 +85,12 @@ class Store:
         self.owner = owner
 
     async def fan_out(self, limit: int, subscriptions: Sequence[tuple[str, str]],
-                      enabled: bool) -> int:
-        row = await self.pool.fetchrow(
+                      enabled: bool) -> dict[str, int]:
+        """Fan out up to `limit` new events; how many of each event type."""
+        rows = await self.pool.fetch(
             self.q["fan_out"], limit, [s[0] for s in subscriptions],
             [s[1] for s in subscriptions], enabled)
-        return int(row["events"]) if row else 0
+        return {r["event_type"]: int(r["events"]) for r in rows}
 
     async def claim(self, wanted: dict[str, int], lease: float,
                     now: datetime | None = None) -> list[Claimed]:

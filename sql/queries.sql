@@ -3,7 +3,8 @@
 -- Time is injectable for tests: coalesce($n::timestamptz, now()).
 
 -- name: fan_out
--- Turn up to $1 new events into one delivery row per subscribed URL, in one statement.
+-- Turn up to $1 new events into one delivery row per subscribed URL, in one statement; returns
+-- how many events of each type were fanned out.
 -- $2/$3 are parallel arrays (event_type, url) of the config at claim time; $4 = webhooks enabled
 -- (when false, deliveries are recorded as 'skipped', replayable later).
 WITH ev AS (
@@ -14,7 +15,8 @@ WITH ev AS (
      LIMIT $1
        FOR UPDATE SKIP LOCKED
 ), marked AS (
-    UPDATE __SCHEMA__.event e SET fanned_out = true FROM ev WHERE e.id = ev.id RETURNING e.id
+    UPDATE __SCHEMA__.event e SET fanned_out = true FROM ev WHERE e.id = ev.id
+    RETURNING e.id, e.event_type
 ), subs AS (
     SELECT s.event_type, s.url FROM unnest($2::text[], $3::text[]) AS s(event_type, url)
 ), ins AS (
@@ -24,7 +26,7 @@ WITH ev AS (
     ON CONFLICT (event_id, url) DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM ins) AS deliveries;
+SELECT m.event_type, count(*) AS events FROM marked m GROUP BY m.event_type;
 
 -- name: claim
 -- Claim due deliveries for owner $3 with a lease of $4 seconds, in one statement: up to $2[i]

@@ -112,6 +112,9 @@ async def _scrape_a_running_daemon(db: Db) -> None:
             assert _get(m, hist + "_count", url=down) == 1
             assert _get(m, hist + "_bucket", url=a, le="+Inf") == 2
             assert _get(m, "qlm_bridge_commit_to_delivery_seconds_count") == 2
+            captured = "qlm_bridge_events_fanned_out_total"
+            assert _get(m, captured, event_type="customer_created") == 1
+            assert _get(m, captured, event_type="license_created") == 1
             assert _get(m, "qlm_bridge_listener_connected") == 1
             oldest = _get(m, "qlm_bridge_oldest_pending_seconds")
             assert oldest is not None and oldest >= 0
