@@ -131,9 +131,10 @@ def _funcref(config: Config, func: str) -> str:
 def _field_names(config: Config) -> list[str]:
     blocks = sql.blocks("checks.sql")
     schema = sql.quote_ident(config.database.schema_name)
+    tables = (("license", "licenses", config.capture.licenses),
+              ("customer", "customers", config.capture.customers))
     out = []
-    for kind, table in (("license", config.capture.licenses),
-                        ("customer", config.capture.customers)):
+    for kind, _, table in tables:
         out.append(sql.render(blocks["field_map"], schema=schema, kind=sql.quote_literal(kind),
                               qualified=sql.quote_literal(_qualified(table))))
     rows = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
@@ -142,6 +143,11 @@ def _field_names(config: Config) -> list[str]:
     out.append(sql.render(blocks["field_overrides"], schema=schema,
                           kinds=_array(r[0] for r in rows), columns=_array(r[1] for r in rows),
                           fields=_array(r[2] for r in rows)))
+    # two current columns must not share a payload field (the body would keep only one value)
+    for kind, section, table in tables:
+        out.append(sql.render(blocks["field_names_unique"], schema=schema, section=section,
+                              kind=sql.quote_literal(kind),
+                              qualified=sql.quote_literal(_qualified(table))))
     out.append(sql.render(blocks["runtime"], schema=schema,
                           capture_modified="true" if config.capture_modified() else "false"))
     return out

@@ -57,6 +57,31 @@ SELECT * FROM unnest(__KINDS__::text[], __COLUMNS__::text[], __FIELDS__::text[])
 ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name
  WHERE __SCHEMA__.field_map.field_name IS DISTINCT FROM EXCLUDED.field_name;
 
+-- name: field_names_unique
+-- After field_map and field_overrides: two current columns of a captured table must not become
+-- the same payload field (activation_key and "ActivationKey", or an override onto another
+-- column's name), or the webhook body would silently keep only one of the values.
+DO $qlm_bridge$
+DECLARE
+    clashes text;
+BEGIN
+    SELECT string_agg(format('columns %s all become payload field %s', cols, to_json(field)),
+                      '; ' ORDER BY field) INTO clashes
+      FROM (SELECT coalesce(f.field_name, __SCHEMA__.field_name_v1(a.attname)) AS field,
+                   string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) AS cols
+              FROM pg_catalog.pg_attribute a
+              LEFT JOIN __SCHEMA__.field_map f ON f.kind = __KIND__ AND f.column_name = a.attname
+             WHERE a.attrelid = to_regclass(__QUALIFIED__) AND a.attnum > 0 AND NOT a.attisdropped
+             GROUP BY 1
+            HAVING count(*) > 1) AS clash;
+    IF clashes IS NOT NULL THEN
+        RAISE EXCEPTION 'qlm-bridge: table % (capture.__SECTION__): %; rename a column or give '
+                        'one another name in webhooks.field_names.%', __QUALIFIED__, clashes,
+                        __KIND__;
+    END IF;
+END
+$qlm_bridge$;
+
 -- name: runtime
 -- (only when it differs, so a repeated install writes nothing)
 UPDATE __SCHEMA__.runtime SET capture_modified = __CAPTURE_MODIFIED__

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import Db, base_config
 
-from bridge import install
+from bridge import install, sql
 from bridge.config import Config
 from bridge.errors import ConfigError, InstallError
 
@@ -454,3 +454,68 @@ def test_names_with_quotes_and_semicolons_are_just_identifiers(empty_db: Db) -> 
     install.uninstall(config, drop_data=True)
     assert not has_schema(empty_db, schema)
     assert empty_db.scalar("SELECT to_regclass('x') IS NOT NULL")
+
+
+# --- payload field names must be unique per table ----------------------------------------------
+
+
+def test_columns_with_the_same_field_name_are_refused(empty_db: Db) -> None:
+    empty_db.execute(sql.read("sample_schema.sql"))
+    empty_db.execute('CREATE TABLE dup_keys (LIKE license_keys, "ActivationKey" text)')
+    config = empty_db.config(capture={"licenses": {"table": "dup_keys"}})
+    with pytest.raises(InstallError) as err:
+        install.install(config)
+    message = str(err.value)
+    assert message.startswith('table "public"."dup_keys" (capture.licenses): ')
+    assert 'columns activation_key, "ActivationKey" all become payload field "ActivationKey"' \
+        in message
+    assert "webhooks.field_names.license" in message
+    assert not has_schema(empty_db, "qlm_bridge")  # nothing installed
+    assert triggers(empty_db) == []
+    # renaming one of them in the payload fixes it
+    install.install(empty_db.config(capture={"licenses": {"table": "dup_keys"}}, webhooks={
+        "field_names": {"license": {"ActivationKey": "ActivationKeyText"}}}))
+    assert triggers(empty_db) != []
+
+
+def test_a_dropped_column_does_not_clash(empty_db: Db) -> None:
+    empty_db.execute(sql.read("sample_schema.sql"))
+    empty_db.execute('CREATE TABLE dup_keys (LIKE license_keys, "ActivationKey" text)')
+    empty_db.execute('ALTER TABLE dup_keys DROP COLUMN "ActivationKey"')
+    install.install(empty_db.config(capture={"licenses": {"table": "dup_keys"}}))
+    assert triggers(empty_db) != []
+
+
+OVERRIDE_CLASHES = [
+    ({"license": {"computer_id": "ActivationKey"}},
+     r'table "public"\."license_keys" \(capture\.licenses\): columns activation_key, '
+     r'computer_id all become payload field "ActivationKey"'),
+    ({"customer": {"email": "FullName"}},
+     r'table "public"\."customers" \(capture\.customers\): columns full_name, email all '
+     r'become payload field "FullName"'),
+    ({"license": {"comment": "CreationDate"}},  # onto a QLM name (created_at -> CreationDate)
+     r'columns comment, created_at all become payload field "CreationDate"'),
+]
+
+
+@pytest.mark.parametrize(("field_names", "message"), OVERRIDE_CLASHES)
+def test_an_override_onto_another_columns_field_is_refused(
+        db: Db, field_names: dict[str, dict[str, str]], message: str) -> None:
+    before = snapshot(db)
+    with pytest.raises(InstallError, match=message):
+        install.install(db.config(webhooks={"field_names": field_names}))
+    assert snapshot(db) == before  # the working install is kept as it was
+
+
+def test_an_override_for_a_missing_column_does_not_clash(db: Db) -> None:
+    install.install(db.config(webhooks={"field_names": {"license": {"no_such": "ActivationKey"}}}))
+
+
+def test_the_sample_schema_has_unique_field_names(empty_db: Db) -> None:
+    install.install(empty_db.config(), sample_schema=True)
+    clashes = empty_db.query(
+        "SELECT f.kind, f.field_name FROM qlm_bridge.field_map f "
+        "JOIN pg_attribute a ON a.attname = f.column_name AND a.attnum > 0 "
+        "AND a.attrelid = CASE f.kind WHEN 'license' THEN 'license_keys'::regclass "
+        "ELSE 'customers'::regclass END GROUP BY 1, 2 HAVING count(*) > 1")
+    assert clashes == []
