@@ -242,6 +242,12 @@ class TableConfig(_Model):
     )
     key: tuple[str, ...] = ()
 
+    def qualified(self) -> str:
+        """The quoted schema.table name."""
+        def quote(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+        return f"{quote(self.table_schema)}.{quote(self.table)}"
+
 
 class LicenseTableConfig(TableConfig):
     table: str = "license_keys"

@@ -141,6 +141,11 @@ class Daemon:
             log.info("daemon %s stopped before the database was reachable", self.id)
             return
         await self._register()
+        clashes = await self._apply_db_config(cfg)
+        if clashes:
+            with contextlib.suppress(*DB_ERRORS):
+                await self._store.daemon_gone()
+            raise ConfigError("webhooks.field_names: " + "; ".join(clashes))
         self._dispatcher = Dispatcher(cfg.webhooks)
         await self._dispatcher.start()
         self._listener = Listener(
@@ -154,7 +159,6 @@ class Daemon:
         if address is not None:
             runner = await serve(address[0], address[1], self.metrics, self._readiness,
                                  self._refresh_gauges)
-        await self._apply_db_config()
         await self._refresh_urls()
         background = [asyncio.create_task(self._acker(), name="acker"),
                       asyncio.create_task(self._heartbeat(), name="heartbeat")]
@@ -247,14 +251,19 @@ class Daemon:
         self._urls = configured + extra
         self._more.update(self._urls)
 
-    async def _apply_db_config(self) -> None:
+    async def _apply_db_config(self, config: Config) -> list[str]:
+        """Write the license_modified switch and the field-name overrides of `config`;
+        returns the field-name clashes that kept them from being written."""
         assert self._store is not None
+        tables = {"license": config.capture.licenses.qualified(),
+                  "customer": config.capture.customers.qualified()}
         try:
-            await self._store.apply_config(self.config.capture_modified(),
-                                           dict(self.config.webhooks.field_names))
+            return await self._store.apply_config(
+                config.capture_modified(), dict(config.webhooks.field_names), tables)
         except DB_ERRORS as exc:
             log.warning("could not apply capture settings (%s); will retry on reload",
                         _describe(exc))
+            return []
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; an invalid edit keeps the running config."""
@@ -271,6 +280,11 @@ class Daemon:
                                                               old.database.schema_name):
             log.warning("database.dsn/schema changes need a restart; applying the rest")
             new = new.model_copy(update={"database": old.database})
+        clashes = await self._apply_db_config(new)
+        if clashes:
+            log.error("reload failed, keeping the running config: webhooks.field_names: %s",
+                      "; ".join(clashes))
+            return
         self.config = new
         self.policy = RetryPolicy.from_config(new.webhooks)
         if new.webhooks != old.webhooks and self._dispatcher is not None:
@@ -280,7 +294,6 @@ class Daemon:
             delay = old.webhooks.timeout + 1
             asyncio.get_running_loop().call_later(
                 delay, lambda: asyncio.ensure_future(close_quietly(stale)))
-        await self._apply_db_config()
         await self._refresh_urls()
         if new.subscriptions_fingerprint() != old.subscriptions_fingerprint():
             others = []

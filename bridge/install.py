@@ -33,7 +33,7 @@ class Plan:
 
 
 def _qualified(table: TableConfig) -> str:
-    return f"{sql.quote_ident(table.table_schema)}.{sql.quote_ident(table.table)}"
+    return table.qualified()
 
 
 def _array(values: Iterable[str]) -> str:
@@ -137,12 +137,13 @@ def _field_names(config: Config) -> list[str]:
     for kind, _, table in tables:
         out.append(sql.render(blocks["field_map"], schema=schema, kind=sql.quote_literal(kind),
                               qualified=sql.quote_literal(_qualified(table))))
-    rows = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
-    rows += [(k, c, f) for k, names in config.webhooks.field_names.items()
-             for c, f in names.items()]
-    out.append(sql.render(blocks["field_overrides"], schema=schema,
-                          kinds=_array(r[0] for r in rows), columns=_array(r[1] for r in rows),
-                          fields=_array(r[2] for r in rows)))
+    qlm = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
+    overrides = [(k, c, f) for k, names in config.webhooks.field_names.items()
+                 for c, f in names.items()]
+    for block, rows in (("field_overrides", qlm), ("config_overrides", overrides)):
+        out.append(sql.render(blocks[block], schema=schema, kinds=_array(r[0] for r in rows),
+                              columns=_array(r[1] for r in rows),
+                              fields=_array(r[2] for r in rows)))
     # two current columns must not share a payload field (the body would keep only one value)
     for kind, section, table in tables:
         out.append(sql.render(blocks["field_names_unique"], schema=schema, section=section,

@@ -52,10 +52,25 @@ SELECT __KIND__, a.attname, __SCHEMA__.field_name_v1(a.attname)
 ON CONFLICT (kind, column_name) DO NOTHING;
 
 -- name: field_overrides
+-- QLM's own names (field_name) where the naming rule says something else.
 INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)
 SELECT * FROM unnest(__KINDS__::text[], __COLUMNS__::text[], __FIELDS__::text[])
 ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name
  WHERE __SCHEMA__.field_map.field_name IS DISTINCT FROM EXCLUDED.field_name;
+
+-- name: config_overrides
+-- The config's webhooks.field_names (override); overrides no longer in the config are cleared.
+-- The daemon applies the same rule at start and reload (queries.sql: set_field_names).
+UPDATE __SCHEMA__.field_map m SET override = NULL
+ WHERE m.override IS NOT NULL
+   AND (m.kind, m.column_name) NOT IN (
+        SELECT * FROM unnest(__KINDS__::text[], __COLUMNS__::text[]));
+INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name, override)
+SELECT w.kind, w.column_name, __SCHEMA__.field_name_v1(w.column_name), w.field
+  FROM unnest(__KINDS__::text[], __COLUMNS__::text[], __FIELDS__::text[])
+       AS w(kind, column_name, field)
+ON CONFLICT (kind, column_name) DO UPDATE SET override = EXCLUDED.override
+ WHERE __SCHEMA__.field_map.override IS DISTINCT FROM EXCLUDED.override;
 
 -- name: field_names_unique
 -- After field_map and field_overrides: two current columns of a captured table must not become
@@ -67,7 +82,8 @@ DECLARE
 BEGIN
     SELECT string_agg(format('columns %s all become payload field %s', cols, to_json(field)),
                       '; ' ORDER BY field) INTO clashes
-      FROM (SELECT coalesce(f.field_name, __SCHEMA__.field_name_v1(a.attname)) AS field,
+      FROM (SELECT coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(a.attname))
+                       AS field,
                    string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) AS cols
               FROM pg_catalog.pg_attribute a
               LEFT JOIN __SCHEMA__.field_map f ON f.kind = __KIND__ AND f.column_name = a.attname

@@ -59,11 +59,11 @@ UPDATE __SCHEMA__.delivery d
   FROM due, __SCHEMA__.event e
  WHERE d.id = due.id AND e.id = d.event_id
 RETURNING d.id, d.url, d.attempts, e.event_id, e.event_type, e.kind, e.created_at,
-          (SELECT jsonb_object_agg(coalesce(f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
+          (SELECT jsonb_object_agg(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
              FROM jsonb_each(e.row_data) AS j
              LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
           )::text AS info,
-          (SELECT jsonb_object_agg(coalesce(f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
+          (SELECT jsonb_object_agg(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
              FROM jsonb_each(e.previous) AS j
              LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
           )::text AS previous;
@@ -161,11 +161,33 @@ SELECT count(*) FROM __SCHEMA__.daemon
  WHERE id <> $1 AND heartbeat_at > now() - make_interval(secs => $2::float8);
 
 -- name: set_field_names
--- Upsert (kind, column, field) overrides from the config.
-INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-ON CONFLICT (kind, column_name) DO UPDATE SET field_name = EXCLUDED.field_name
- WHERE __SCHEMA__.field_map.field_name IS DISTINCT FROM EXCLUDED.field_name;
+-- The config's webhooks.field_names as (kind, column, field) arrays: set those overrides and
+-- clear every other one (an override removed from the config no longer applies).
+WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS w(kind, column_name, field)
+), cleared AS (
+    UPDATE __SCHEMA__.field_map m SET override = NULL
+     WHERE m.override IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM wanted w
+                        WHERE w.kind = m.kind AND w.column_name = m.column_name)
+)
+INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name, override)
+SELECT w.kind, w.column_name, __SCHEMA__.field_name_v1(w.column_name), w.field FROM wanted w
+ON CONFLICT (kind, column_name) DO UPDATE SET override = EXCLUDED.override
+ WHERE __SCHEMA__.field_map.override IS DISTINCT FROM EXCLUDED.override;
+
+-- name: field_name_clashes
+-- Payload field names shared by two current columns of a captured table ($1/$2: kind and the
+-- quoted table name), after set_field_names.
+SELECT m.kind, coalesce(m.override, m.field_name) AS field,
+       string_agg(quote_ident(m.column_name), ', ' ORDER BY a.attnum) AS columns
+  FROM __SCHEMA__.field_map m
+  JOIN unnest($1::text[], $2::text[]) AS t(kind, qualified) ON t.kind = m.kind
+  JOIN pg_catalog.pg_attribute a
+    ON a.attrelid = to_regclass(t.qualified) AND a.attname = m.column_name
+   AND a.attnum > 0 AND NOT a.attisdropped
+ GROUP BY 1, 2
+HAVING count(*) > 1;
 
 -- name: schema_version
 SELECT max(version) FROM __SCHEMA__.version;

@@ -98,13 +98,15 @@ CREATE TABLE __SCHEMA__.runtime (
 );
 INSERT INTO __SCHEMA__.runtime (id) VALUES (1);
 
--- Column -> payload field names, written by install (naming rule + QLM names + config
--- overrides) and refreshed by the daemon from `webhooks.field_names`. Columns missing here fall
+-- Column -> payload field names. field_name is the default (naming rule, then QLM's names),
+-- written by install; override is `webhooks.field_names`, written by install and by every daemon
+-- start or reload (an override removed from the config is cleared). Columns missing here fall
 -- back to field_name_v1() below.
 CREATE TABLE __SCHEMA__.field_map (
     kind        text NOT NULL CHECK (kind IN ('license', 'customer')),
     column_name text NOT NULL,
     field_name  text NOT NULL,
+    override    text,
     PRIMARY KEY (kind, column_name)
 );
 
