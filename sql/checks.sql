@@ -45,11 +45,12 @@ $qlm_bridge$;
 -- name: field_map
 -- Every column of a captured table gets its payload field name (naming rule, then QLM names,
 -- then config overrides, which the daemon refreshes).
-INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)
-SELECT __KIND__, a.attname, __SCHEMA__.field_name_v1(a.attname)
+INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name, position)
+SELECT __KIND__, a.attname, __SCHEMA__.field_name_v1(a.attname), a.attnum
   FROM pg_catalog.pg_attribute a
  WHERE a.attrelid = to_regclass(__QUALIFIED__) AND a.attnum > 0 AND NOT a.attisdropped
-ON CONFLICT (kind, column_name) DO NOTHING;
+ON CONFLICT (kind, column_name) DO UPDATE SET position = EXCLUDED.position
+ WHERE __SCHEMA__.field_map.position IS DISTINCT FROM EXCLUDED.position;
 
 -- name: field_overrides
 -- QLM's own names (field_name) where the naming rule says something else.

@@ -58,15 +58,23 @@ UPDATE __SCHEMA__.delivery d
        updated_at = now()
   FROM due, __SCHEMA__.event e
  WHERE d.id = due.id AND e.id = d.event_id
+-- info/previous: the row (old values) as JSON text with payload field names, in table column
+-- order; values are jsonb's own text, so numbers keep every digit.
 RETURNING d.id, d.url, d.attempts, e.event_id, e.event_type, e.kind, e.created_at,
-          (SELECT jsonb_object_agg(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
+          (SELECT '{' || string_agg(
+                      to_json(coalesce(f.override, f.field_name,
+                                       __SCHEMA__.field_name_v1(j.key)))::text
+                      || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
              FROM jsonb_each(e.row_data) AS j
              LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-          )::text AS info,
-          (SELECT jsonb_object_agg(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)), j.value)
+          ) AS info,
+          (SELECT '{' || string_agg(
+                      to_json(coalesce(f.override, f.field_name,
+                                       __SCHEMA__.field_name_v1(j.key)))::text
+                      || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
              FROM jsonb_each(e.previous) AS j
              LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-          )::text AS previous;
+          ) AS previous;
 
 -- name: pending_urls
 -- Every URL with pending deliveries (also URLs no longer in the config: what was fanned out to

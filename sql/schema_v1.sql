@@ -107,6 +107,7 @@ CREATE TABLE __SCHEMA__.field_map (
     column_name text NOT NULL,
     field_name  text NOT NULL,
     override    text,
+    position    integer,  -- the column's place in its table: payload fields keep table order
     PRIMARY KEY (kind, column_name)
 );
 

@@ -50,3 +50,9 @@ def test_a_clashing_override_stops_the_daemon_and_writes_nothing(db: Db) -> None
     assert "webhooks.field_names" in message
     assert "activation_key" in message and "computer_id" in message
     assert db.scalar("SELECT count(*) FROM qlm_bridge.field_map WHERE override IS NOT NULL") == 0
+
+
+def test_fields_come_in_table_column_order(db: Db) -> None:
+    info = asyncio.run(_deliver_one(db, "K3", {}))
+    assert list(info)[:4] == ["ActivationKey", "CustomerID", "ProductID", "ProductName"]
+    assert list(info)[-2:] == ["CreationDate", "LastAccessedDate"]
