@@ -541,6 +541,16 @@ class Daemon:
         started = datetime.now(UTC)
         try:
             out = await self._dispatcher.post(c.url, body, headers)
+        except asyncio.CancelledError:
+            # Shutdown cut the request short. It may have reached the receiver, so it counts as
+            # an attempt (logged) and the delivery is due again at once, for any daemon.
+            out = Outcome(False, None, "cancelled: the daemon was shutting down", None,
+                          (datetime.now(UTC) - started).total_seconds() * 1000)
+            self._record(c, out, "pending", 0.0)
+            self._acks.append(Result(c, "pending", 0.0, None, out.error, started,
+                                     out.duration_ms, None))
+            self._ack_wake.set()
+            raise
         except Exception as exc:  # a bug or an odd URL must not leak the slot
             log.exception("unexpected error delivering to %s", c.url)
             out = Outcome(False, None, f"internal error: {_describe(exc)}", None,

@@ -427,3 +427,22 @@ async def _lost_notify(db: Db) -> None:
 
 def test_lost_notify_is_covered_by_the_poll(deaf_db: Db) -> None:
     asyncio.run(_lost_notify(deaf_db))
+
+
+async def _cut_short(db: Db) -> None:
+    rx = await Receiver(behaviours={"/slow": black_hole()}).start()
+    cfg = db.config(webhooks={"events": {"customer_created": [rx.url("/slow")]}, "timeout": 5},
+                    daemon={"shutdown_timeout": 0.2, "lease": 20})
+    async with running(cfg):
+        db.execute("INSERT INTO customers (full_name) VALUES ('slow')")
+        await rx.wait_for(lambda: len(rx.received) == 1)
+    await rx.stop()
+
+
+def test_a_request_cut_short_by_shutdown_is_logged_and_due_again(db: Db) -> None:
+    asyncio.run(_cut_short(db))
+    row = db.query("SELECT state, attempts, locked_by, next_attempt_at <= now() "
+                   "FROM qlm_bridge.delivery")
+    assert row == [("pending", 1, None, True)]
+    log = db.query("SELECT attempt, http_status, error FROM qlm_bridge.attempt_log")
+    assert log == [(1, None, "cancelled: the daemon was shutting down")]
