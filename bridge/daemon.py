@@ -109,7 +109,6 @@ class Daemon:
         self._poll_due = True
         self._last_fan_out = 0.0
         self._last_claim = 0.0
-        self._leftover_urls: list[str] = []
         self._pool: asyncpg.Pool | None = None
         self._store: Store | None = None
         self._dispatcher: Dispatcher | None = None
@@ -244,12 +243,16 @@ class Daemon:
     async def _refresh_urls(self) -> None:
         """Claim from the configured URLs and from URLs that still have pending deliveries."""
         assert self._store is not None
+        leftover = [u for u in self._urls if u not in self._configured_urls()]
         with contextlib.suppress(*DB_ERRORS):
-            self._leftover_urls = await self._store.pending_urls()
-        configured = list(dict.fromkeys(url for _, url in self.config.webhooks.subscriptions()))
-        extra = [u for u in self._leftover_urls if u not in set(configured)]
+            leftover = await self._store.pending_urls()
+        configured = self._configured_urls()
+        extra = [u for u in leftover if u not in set(configured)]
         self._urls = configured + extra
         self._more.update(self._urls)
+
+    def _configured_urls(self) -> list[str]:
+        return list(dict.fromkeys(url for _, url in self.config.webhooks.subscriptions()))
 
     async def _apply_db_config(self, config: Config) -> list[str]:
         """Write the license_modified switch and the field-name overrides of `config`;

@@ -141,11 +141,6 @@ SELECT NOT EXISTS (
      WHERE x.xid IN (SELECT pg_snapshot_xip(pg_current_snapshot()))
 );
 
--- name: next_due
--- Seconds until the earliest pending delivery is due (NULL when none is pending).
-SELECT extract(epoch FROM (min(next_attempt_at) - now()))::float8
-  FROM __SCHEMA__.delivery WHERE state = 'pending';
-
 -- name: heartbeat
 INSERT INTO __SCHEMA__.daemon (id, hostname, pid, config_hash)
 VALUES ($1, $2, $3, $4)

@@ -446,3 +446,22 @@ def test_a_request_cut_short_by_shutdown_is_logged_and_due_again(db: Db) -> None
     assert row == [("pending", 1, None, True)]
     log = db.query("SELECT attempt, http_status, error FROM qlm_bridge.attempt_log")
     assert log == [(1, None, "cancelled: the daemon was shutting down")]
+
+
+async def _leftover(db: Db) -> None:
+    rx = await Receiver().start()
+    db.execute("INSERT INTO qlm_bridge.event (event_type, kind, source_table, op, row_data, "
+               "fanned_out) VALUES ('customer_created', 'customer', 'public.customers', "
+               "'INSERT', '{\"customer_id\": 7}', true)")
+    db.execute("INSERT INTO qlm_bridge.delivery (event_id, url) "
+               "SELECT id, %s FROM qlm_bridge.event", (rx.url("/removed"),))
+    cfg = db.config(webhooks={"events": {"customer_created": [rx.url("/current")]}})
+    async with running(cfg):
+        await rx.wait_for(lambda: len(rx.on("/removed")) == 1)
+    await rx.stop()
+
+
+def test_deliveries_to_a_url_removed_from_the_config_still_go_out(db: Db) -> None:
+    """What was fanned out before a URL left the config is still delivered (at least once)."""
+    asyncio.run(_leftover(db))
+    assert states(db) == {"delivered": 1}
