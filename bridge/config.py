@@ -180,6 +180,7 @@ class WebhooksConfig(_Model):
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
+    standard_webhooks: bool = False
     events: dict[EventName, tuple[Url, ...]] = Field(default_factory=dict)
     field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict

@@ -540,7 +540,7 @@ class Daemon:
         assert self._dispatcher is not None
         cfg = self.config.webhooks
         body = payload.body(c.event)
-        headers = payload.headers(c.event, body, cfg.secret_key)
+        headers = payload.headers(c.event, body, cfg.secret_key, cfg.standard_webhooks)
         started = datetime.now(UTC)
         try:
             out = await self._dispatcher.post(c.url, body, headers)

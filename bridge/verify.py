@@ -32,12 +32,13 @@ Deliveries are at least once: de-duplicate on ``X-QLM-Event-Id`` (== ``EventId``
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from bridge.signing import constant_time_equal, qlm_signature
+from bridge.signing import constant_time_equal, qlm_signature, standard_webhooks_signature
 
 SIGNATURE_HEADER = "X-QLM-Signature"
 EVENT_ID_HEADER = "X-QLM-Event-Id"
@@ -60,6 +61,25 @@ def verify_signature(body: bytes, secret: str, header_value: str | None) -> bool
     if not header_value:
         return False
     return constant_time_equal(qlm_signature(body, secret), header_value.strip().lower())
+
+
+def verify_standard_webhook(body: bytes, secret: str, headers: Mapping[str, str],
+                            tolerance: float = 300.0, now: float | None = None) -> bool:
+    """True when the Standard Webhooks headers (webhook-id, webhook-timestamp,
+    webhook-signature) sign `body` with `secret` and the timestamp is within `tolerance`
+    seconds. Any of several space-separated `v1,` signatures may match (key rotation)."""
+    if not secret:
+        raise ValueError("an empty secret verifies nothing; configure the shared secret")
+    msg_id = headers.get("webhook-id")
+    stamp = headers.get("webhook-timestamp", "")
+    given = headers.get("webhook-signature", "")
+    if not msg_id or not stamp.isdigit() or not given:
+        return False
+    if abs((time.time() if now is None else now) - int(stamp)) > tolerance:
+        return False
+    expected = standard_webhooks_signature(secret, msg_id, int(stamp), body)
+    results = [constant_time_equal(expected, sig) for sig in given.split()]
+    return any(results)
 
 
 def _secrets(secret: str | Iterable[str]) -> tuple[str, ...]:

@@ -6,8 +6,10 @@ No timing assertions: gaps between attempts are read from the attempt log (data)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import hmac
 import itertools
 import json
 import random
@@ -26,6 +28,7 @@ from bridge import __version__
 from bridge.config import Config
 from bridge.daemon import Daemon
 from bridge.retry import RetryPolicy
+from bridge.verify import verify_standard_webhook
 
 SECRET = b"test-secret"
 
@@ -465,3 +468,33 @@ def test_deliveries_to_a_url_removed_from_the_config_still_go_out(db: Db) -> Non
     """What was fanned out before a URL left the config is still delivered (at least once)."""
     asyncio.run(_leftover(db))
     assert states(db) == {"delivered": 1}
+
+
+async def _standard(db: Db) -> None:
+    rx = await Receiver().start()
+    cfg = db.config(webhooks={"events": {"customer_created": [rx.url()]},
+                              "secret_key": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                              "standard_webhooks": True})
+    async with running(cfg):
+        db.execute("INSERT INTO customers (full_name) VALUES ('sw')")
+        await rx.wait_for(lambda: len(rx.received) == 1)
+    await rx.stop()
+    r = rx.received[0]
+    # an independent computation of the Standard Webhooks signature
+    key = base64.b64decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    msg_id, stamp = r.headers["webhook-id"], r.headers["webhook-timestamp"]
+    signed = f"{msg_id}.{stamp}.".encode() + r.body
+    expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert r.headers["webhook-signature"] == expected
+    assert msg_id == r.headers["X-QLM-Event-Id"]
+    assert verify_standard_webhook(r.body, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", r.headers)
+    assert not verify_standard_webhook(r.body + b" ", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                                       r.headers)
+    assert not verify_standard_webhook(r.body, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                                       r.headers, now=int(stamp) + 301)
+    assert r.headers["X-QLM-Signature"] == hashlib.sha256(
+        r.body + b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").hexdigest()
+
+
+def test_standard_webhooks_signature_when_enabled(db: Db) -> None:
+    asyncio.run(_standard(db))
