@@ -34,6 +34,7 @@ from pydantic.fields import FieldInfo
 
 from bridge.errors import ConfigError as ConfigError
 from bridge.events import ALL_EVENTS
+from bridge.sql import quote_ident
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _IDENT_MAX = 63
@@ -245,9 +246,7 @@ class TableConfig(_Model):
 
     def qualified(self) -> str:
         """The quoted schema.table name."""
-        def quote(name: str) -> str:
-            return '"' + name.replace('"', '""') + '"'
-        return f"{quote(self.table_schema)}.{quote(self.table)}"
+        return f"{quote_ident(self.table_schema)}.{quote_ident(self.table)}"
 
 
 class LicenseTableConfig(TableConfig):

@@ -243,16 +243,12 @@ class Daemon:
     async def _refresh_urls(self) -> None:
         """Claim from the configured URLs and from URLs that still have pending deliveries."""
         assert self._store is not None
-        leftover = [u for u in self._urls if u not in self._configured_urls()]
+        configured = list(dict.fromkeys(u for _, u in self.config.webhooks.subscriptions()))
+        leftover = self._urls  # if the database cannot say, keep the URLs known so far
         with contextlib.suppress(*DB_ERRORS):
             leftover = await self._store.pending_urls()
-        configured = self._configured_urls()
-        extra = [u for u in leftover if u not in set(configured)]
-        self._urls = configured + extra
+        self._urls = configured + [u for u in leftover if u not in set(configured)]
         self._more.update(self._urls)
-
-    def _configured_urls(self) -> list[str]:
-        return list(dict.fromkeys(url for _, url in self.config.webhooks.subscriptions()))
 
     async def _apply_db_config(self, config: Config) -> list[str]:
         """Write the license_modified switch and the field-name overrides of `config`;

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psycopg
 
 from bridge import sql
-from bridge.config import ActivationRule, Config, TableConfig
+from bridge.config import ActivationRule, Config
 from bridge.errors import ConfigError, DatabaseUnavailable, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
@@ -30,10 +30,6 @@ class Plan:
     from_version: int | None
     to_version: int
     sql: str
-
-
-def _qualified(table: TableConfig) -> str:
-    return table.qualified()
 
 
 def _array(values: Iterable[str]) -> str:
@@ -85,13 +81,13 @@ def _checks(config: Config) -> list[str]:
         ("licenses", lic, {*lic.key, *lic.activation.columns(), *lic.release.columns()}),
         ("customers", cus, set(cus.key)),
     ):
-        qualified = sql.quote_literal(_qualified(table))
+        qualified = sql.quote_literal(table.qualified())
         out.append(sql.render(blocks["table_exists"], qualified=qualified, section=section))
         if columns:
             out.append(sql.render(blocks["columns_exist"], qualified=qualified, section=section,
                                   columns=_array(sorted(columns))))
-    out.append(sql.render(blocks["rules_valid"], table=_qualified(lic),
-                          qualified=sql.quote_literal(_qualified(lic)),
+    out.append(sql.render(blocks["rules_valid"], table=lic.qualified(),
+                          qualified=sql.quote_literal(lic.qualified()),
                           activated=_condition(lic.activation), released=_condition(lic.release)))
     return out
 
@@ -114,10 +110,10 @@ def _capture(config: Config) -> list[str]:
                               func=sql.quote_ident(func)))
         out.append(sql.render(blocks["trigger"], schema=schema, func=sql.quote_ident(func),
                               trigger=sql.quote_ident(trigger_name(config)),
-                              table=_qualified(table)))
-        out.append(sql.render(blocks["drop_stale_triggers"],
+                              table=table.qualified()))
+        out.append(sql.render(blocks["drop_triggers"],
                               funcref=_funcref(config, func),
-                              qualified=sql.quote_literal(_qualified(table)),
+                              qualified=sql.quote_literal(table.qualified()),
                               tgname=sql.quote_literal(trigger_name(config))))
     return out
 
@@ -136,7 +132,7 @@ def _field_names(config: Config) -> list[str]:
     out = []
     for kind, _, table in tables:
         out.append(sql.render(blocks["field_map"], schema=schema, kind=sql.quote_literal(kind),
-                              qualified=sql.quote_literal(_qualified(table))))
+                              qualified=sql.quote_literal(table.qualified())))
     qlm = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
     overrides = [(k, c, f) for k, names in config.webhooks.field_names.items()
                  for c, f in names.items()]
@@ -148,7 +144,7 @@ def _field_names(config: Config) -> list[str]:
     for kind, section, table in tables:
         out.append(sql.render(blocks["field_names_unique"], schema=schema, section=section,
                               kind=sql.quote_literal(kind),
-                              qualified=sql.quote_literal(_qualified(table))))
+                              qualified=sql.quote_literal(table.qualified())))
     out.append(sql.render(blocks["runtime"], schema=schema,
                           capture_modified="true" if config.capture_modified() else "false"))
     return out
@@ -180,9 +176,9 @@ def render_uninstall(config: Config, drop_data: bool) -> str:
     blocks = sql.blocks("uninstall.sql")
     schema = sql.quote_ident(config.database.schema_name)
     parts = [_lock_sql()]
-    parts.append(sql.render(blocks["triggers"],
-                            licfunc=_funcref(config, "capture_license_v1"),
-                            cusfunc=_funcref(config, "capture_customer_v1")))
+    drop = sql.blocks("capture_v1.sql")["drop_triggers"]
+    parts += [sql.render(drop, funcref=_funcref(config, func), qualified="NULL", tgname="NULL")
+              for func in ("capture_license_v1", "capture_customer_v1")]
     parts.append(sql.render(blocks["functions"], schema=schema))
     if drop_data:
         parts.append(sql.render(blocks["drop_data"], schema=schema))

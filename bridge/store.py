@@ -145,31 +145,23 @@ class Store:
         is written (and the clashes are returned) if two current columns of a captured table
         (`tables`: kind -> quoted name) would become the same payload field."""
         rows = [(k, c, f) for k, names in field_names.items() for c, f in names.items()]
-        try:
-            return await self._apply(rows, capture_modified, tables)
-        except _Clash as clash:
-            return clash.clashes
-
-    async def _apply(self, rows: list[tuple[str, str, str]], capture_modified: bool,
-                     tables: dict[str, str]) -> list[str]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.q["set_field_names"], [r[0] for r in rows],
-                               [r[1] for r in rows], [r[2] for r in rows])
-            clashes = await conn.fetch(self.q["field_name_clashes"], list(tables),
-                                       list(tables.values()))
-            if clashes:
-                raise _Clash([f"{r['kind']} columns {r['columns']} all become payload field "
-                              f"{r['field']!r}" for r in clashes])
-            await conn.execute(self.q["set_capture_modified"], capture_modified)
-        return []
-
-
-class _Clash(Exception):
-    """Raised inside apply_config's transaction to roll it back."""
-
-    def __init__(self, clashes: list[str]) -> None:
-        super().__init__("; ".join(clashes))
-        self.clashes = clashes
+        async with self.pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute(self.q["set_field_names"], [r[0] for r in rows],
+                                   [r[1] for r in rows], [r[2] for r in rows])
+                clashes = [f"{r['kind']} columns {r['columns']} all become payload field "
+                           f"{r['field']!r}"
+                           for r in await conn.fetch(self.q["field_name_clashes"], list(tables),
+                                                     list(tables.values()))]
+                if not clashes:
+                    await conn.execute(self.q["set_capture_modified"], capture_modified)
+            except BaseException:
+                await tx.rollback()
+                raise
+            await (tx.rollback() if clashes else tx.commit())
+        return clashes
 
 
 def _claimed(r: asyncpg.Record) -> Claimed:

@@ -96,9 +96,10 @@ CREATE OR REPLACE TRIGGER __TRIGGER__
     AFTER INSERT OR UPDATE OR DELETE ON __TABLE__
     FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.__FUNC__();
 
--- name: drop_stale_triggers
--- A trigger of an earlier install on a table the config no longer names would go on capturing
--- into this function: drop every trigger that calls it except the one just created.
+-- name: drop_triggers
+-- Drop every trigger that calls this function except the one named for the given table
+-- (install: a trigger of an earlier install on a table the config no longer names would go on
+-- capturing; uninstall passes NULL for both, dropping them all, wherever they are).
 DO $qlm_bridge$
 DECLARE
     t record;
@@ -106,8 +107,8 @@ BEGIN
     FOR t IN SELECT tg.tgname, tg.tgrelid::pg_catalog.regclass AS rel
                FROM pg_catalog.pg_trigger tg
               WHERE tg.tgfoid = pg_catalog.to_regprocedure(__FUNCREF__)
-                AND NOT (tg.tgrelid = pg_catalog.to_regclass(__QUALIFIED__)
-                         AND tg.tgname = __TGNAME__)
+                AND (tg.tgrelid, tg.tgname::text) IS DISTINCT FROM
+                    (pg_catalog.to_regclass(__QUALIFIED__), __TGNAME__::text)
     LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
