@@ -259,8 +259,9 @@ def prune(config_path: str | None, older_than: float | None,
 def send_test(config_path: str | None, url: str | None, event_type: str | None) -> None:
     """POST a signed sample event to URL and print status, latency and response.
 
-    Checks a receiver before going live: exit 0 when every answer is 2xx, else 1. Redirects are
-    not followed. Signed with webhooks.secret_key and sent with the header X-QLM-Test: 1.
+    Checks a receiver before going live: exit 0 when every answer is 2xx, else 1. Signed and
+    sent exactly as the daemon does (webhooks.secret_key, standard_webhooks, timeout, ca_bundle,
+    block_private_addresses; redirects not followed), with the header X-QLM-Test: 1.
     """
     from bridge import ops
 
@@ -278,6 +279,18 @@ def send_test(config_path: str | None, url: str | None, event_type: str | None) 
         click.echo(ops.format_send_result(result))
     if not all(r.ok for r in results):
         sys.exit(1)
+
+
+@main.command("gen-secret")
+def gen_secret() -> None:
+    """Print a new random secret for webhooks.secret_key (whsec_ + base64 of 32 bytes).
+
+    Works for X-QLM-Signature and for Standard Webhooks receivers alike. To rotate, list it
+    second under webhooks.secret_key, update the receivers, then move it first (README).
+    """
+    from bridge.signing import new_secret
+
+    click.echo(new_secret())
 
 
 @main.command()

@@ -32,8 +32,10 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from bridge import signing
 from bridge.errors import ConfigError as ConfigError
 from bridge.events import ALL_EVENTS
+from bridge.signing import GEN_SECRET_HINT, Signer
 from bridge.sql import quote_ident
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -139,6 +141,22 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+def _secret_problem(secret: str, standard_webhooks: bool) -> str | None:
+    """What is wrong with one webhooks.secret_key entry, if anything (never its value)."""
+    if not secret:
+        return "is empty; remove the key to send unsigned requests, or set a secret"
+    if not standard_webhooks:
+        return None
+    if any(c.isspace() for c in secret):
+        return ("contains white space; to sign with several secrets while rotating, give a "
+                "YAML list, current secret first")
+    try:
+        signing.standard_webhooks_key(secret)
+    except ValueError as exc:
+        return f"cannot be a Standard Webhooks secret: it {exc}"
+    return None
+
+
 EventName = Annotated[str, AfterValidator(_check_event_name)]
 Url = Annotated[str, AfterValidator(_check_url)]
 
@@ -160,8 +178,12 @@ class DatabaseConfig(_Model):
 
 class WebhooksConfig(_Model):
     enabled: bool = Field(default=True, validation_alias=AliasChoices("enabled", "webHooksEnabled"))
-    secret_key: str | None = Field(
-        default=None, validation_alias=AliasChoices("secret_key", "webHookSecretKey")
+    # Before secret_key: its checks depend on it.
+    standard_webhooks: bool = False
+    # One secret, or several while rotating (current first); () sends unsigned requests.
+    secret_key: tuple[str, ...] = Field(
+        default=(), validate_default=True,
+        validation_alias=AliasChoices("secret_key", "webHookSecretKey"),
     )
     max_retries: int = Field(
         default=5, ge=0, le=1000, validation_alias=AliasChoices("max_retries", "webHookMaxRetries")
@@ -181,18 +203,50 @@ class WebhooksConfig(_Model):
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
-    standard_webhooks: bool = False
     events: dict[EventName, tuple[Url, ...]] = Field(default_factory=dict)
     field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict
     )
 
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _secret_list(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list | tuple):
+            if isinstance(value, list) and not value:  # () is the default
+                raise ValueError("is an empty list; remove the key to send unsigned requests, "
+                                 f"or list the secrets, current first ({GEN_SECRET_HINT})")
+            return value
+        got = _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
+        raise ValueError("must be a string, or a list of strings (current secret first) "
+                         f"while rotating (got {got})")
+
     @field_validator("secret_key")
     @classmethod
-    def _secret_not_empty(cls, value: str | None) -> str | None:
-        if value is not None and value == "":
-            raise ValueError("is empty; remove the key to send unsigned requests, or set a secret")
+    def _secrets_usable(cls, value: tuple[str, ...],
+                        info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("standard_webhooks") and not value:
+            raise ValueError("is required with webhooks.standard_webhooks: true (requests "
+                             f"would go unsigned); {GEN_SECRET_HINT}")
+        problems = []
+        for i, secret in enumerate(value):
+            problem = _secret_problem(secret, bool(info.data.get("standard_webhooks")))
+            if problem is None and secret in value[:i]:
+                problem = f"is the same as secret {value.index(secret) + 1}"
+            if problem is not None:
+                problems.append(problem if len(value) == 1 else
+                                f"secret {i + 1} (of {len(value)}) {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
+
+    @property
+    def signer(self) -> Signer:
+        """How requests are signed (built once per distinct secrets/scheme, then cached)."""
+        return signing.signer(self.secret_key, self.standard_webhooks)
 
     @field_validator("events", mode="before")
     @classmethod

@@ -536,7 +536,7 @@ class Daemon:
         assert self._dispatcher is not None
         cfg = self.config.webhooks
         body = payload.body(c.event)
-        headers = payload.headers(c.event, body, cfg.secret_key, cfg.standard_webhooks)
+        headers = payload.headers(c.event, body, cfg.signer)
         started = datetime.now(UTC)
         try:
             out = await self._dispatcher.post(c.url, body, headers)

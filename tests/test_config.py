@@ -186,7 +186,7 @@ def test_variables_and_defaults_expand(tmp_path: Path) -> None:
         """)
     cfg = config.load(path, env={"DB_HOST": "db.internal", "SECRET": "s3cr3t"})
     assert cfg.database.dsn == "postgresql://bridge@db.internal/qlm"
-    assert cfg.webhooks.secret_key == "s3cr3t"
+    assert cfg.webhooks.secret_key == ("s3cr3t",)
     assert cfg.webhooks.max_retries == 7
     assert cfg.webhooks.events["license_created"] == ("https://default.example/hook",)
     cfg = config.load(path, env={"DB_HOST": "h", "SECRET": "s", "DB_USER": "u", "RETRIES": "0"})
@@ -204,7 +204,7 @@ def test_qlm_alias_names(tmp_path: Path) -> None:
         """)
     hooks = config.load(path, env={}).webhooks
     assert (hooks.enabled, hooks.secret_key, hooks.max_retries, hooks.retry_interval) == (
-        False, "qlm-secret", 3, 30.0)
+        False, ("qlm-secret",), 3, 30.0)
 
 
 def test_name_and_alias_together_is_an_error(tmp_path: Path) -> None:

@@ -456,7 +456,7 @@ def test_send_test_failures(db: Db, receiver: Receiver) -> None:
     assert (redirect.ok, redirect.status) == (False, 302)
     assert redirect.location == receiver.url("/ok")
     assert "not followed" in ops.format_send_result(redirect)
-    assert slow.status is None and "timed out after 0.3 s" in (slow.error or "")
+    assert slow.status is None and "timeout after 0.3 s" in (slow.error or "")
     assert [p for p, _, _ in receiver.requests] == ["/fail", "/redirect", "/slow"]  # no /ok
     assert json.loads(receiver.requests[0][2])["CustomerInfo"]["FullName"] == "Test Customer"
 
@@ -492,4 +492,4 @@ webhooks:
 
 def test_config_fixture_is_signed(db: Db) -> None:
     cfg: Config = db.config()
-    assert cfg.webhooks.secret_key == SECRET
+    assert cfg.webhooks.secret_key == (SECRET,)
