@@ -182,7 +182,7 @@ class WebhooksConfig(_Model):
     standard_webhooks: bool = False
     # One secret, or several while rotating (current first); () sends unsigned requests.
     secret_key: tuple[str, ...] = Field(
-        default=(), validate_default=True,
+        default=(), validate_default=True, repr=False,
         validation_alias=AliasChoices("secret_key", "webHookSecretKey"),
     )
     max_retries: int = Field(

@@ -415,7 +415,7 @@ def _yaml_keys(data: object, prefix: str = "") -> set[str]:
 
 def test_example_config_loads() -> None:
     cfg = config.load(EXAMPLE, env={"QLM_WEBHOOK_SECRET": "from-env"})
-    assert cfg.webhooks.secret_key == "from-env"
+    assert cfg.webhooks.secret_key == ("from-env",)
     assert cfg.database.dsn == "postgresql://qlm_bridge_daemon@localhost/qlm"
     assert set(cfg.webhooks.events) == {e for e in config.ALL_EVENTS if e != "license_modified"}
     assert len(cfg.webhooks.events["license_activated"]) == 2
