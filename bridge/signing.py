@@ -100,13 +100,14 @@ class Signer:
     secrets: tuple[str, ...] = field(compare=True)
     standard_webhooks: bool = False
     _qlm: bytes | None = field(init=False, compare=False)
-    _keys: tuple[bytes, ...] = field(init=False, compare=False)
+    _macs: tuple[hmac.HMAC, ...] = field(init=False, compare=False)  # keyed once, copied
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_qlm", self.secrets[0].encode("utf-8") if self.secrets
                            else None)
-        object.__setattr__(self, "_keys", tuple(standard_webhooks_key(s) for s in self.secrets)
-                           if self.standard_webhooks else ())
+        object.__setattr__(self, "_macs", tuple(
+            hmac.new(standard_webhooks_key(s), digestmod=hashlib.sha256) for s in self.secrets)
+            if self.standard_webhooks else ())
 
     def __repr__(self) -> str:  # never the secrets
         return (f"Signer({len(self.secrets)} secret(s), "
@@ -118,13 +119,19 @@ class Signer:
         if self._qlm is None:
             return {}
         out = {QLM_SIGNATURE: _qlm_hex(body, self._qlm)}
-        if self._keys:
+        if self._macs:
             sent = int(time.time() if now is None else now)
             content = _sw_content(msg_id, sent, body)
             out[SW_ID] = msg_id
             out[SW_TIMESTAMP] = str(sent)
-            out[SW_SIGNATURE] = " ".join(sw_sign(key, content) for key in self._keys)
+            out[SW_SIGNATURE] = " ".join(_v1(mac, content) for mac in self._macs)
         return out
+
+
+def _v1(keyed: hmac.HMAC, content: bytes) -> str:
+    mac = keyed.copy()
+    mac.update(content)
+    return "v1," + base64.b64encode(mac.digest()).decode("ascii")
 
 
 @functools.lru_cache(maxsize=256)
