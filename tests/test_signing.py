@@ -51,6 +51,7 @@ UNPADDED = "whsec_" + _b64(b"unpadded").rstrip("=")
 PLAIN = "plain-ascii-secret-for-qlm"            # no whsec_: the library base64-decodes it too
 NON_ASCII = "sécret-ключ"                       # fine for X-QLM-Signature only
 OLD, NEW = "whsec_" + _b64(b"old"), "whsec_" + _b64(b"new")
+BAD = "whsec_not-base64-at-all-é"                # refused with standard_webhooks
 
 # The Standard Webhooks specification's test vector.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -281,18 +282,24 @@ async def _rotation(db: Db, tmp_path: Path) -> tuple[list[Verdicts], list[dict[s
     try:
         await proc.wait_log("started")
         pid = proc.proc.pid if proc.proc else None
-        for n, (secrets, _) in enumerate(STEPS):
+        # The four steps, then a secret Standard Webhooks cannot use: that reload is refused
+        # and the running secrets stay (the last step's verdicts again).
+        for n, secrets in enumerate([s for s, _ in STEPS] + [[BAD, NEW]]):
             if n:
                 data["webhooks"]["secret_key"] = secrets
                 write_config(path, data)
                 proc.send(signal.SIGHUP)
-                await proc.wait_log("config reloaded", occurrences=n)
+                if secrets[0] == BAD:
+                    await proc.wait_log("reload failed, keeping the running config")
+                else:
+                    await proc.wait_log("config reloaded", occurrences=n)
             before = dict(verdicts)
             db.execute("INSERT INTO customers (full_name) VALUES (%s)", (f"step {n}",))
             want = len(before) + len(PATHS)
             await rx.wait_for(lambda want=want: len(verdicts) == want)
             per_step.append({k: v for k, v in verdicts.items() if k not in before})
-            send_tests.append(await asyncio.to_thread(_send_test, path))
+            if secrets[0] != BAD:
+                send_tests.append(await asyncio.to_thread(_send_test, path))
         assert proc.proc is not None and proc.proc.pid == pid and proc.proc.returncode is None
         async with aiohttp.ClientSession() as session:
             for page in ("/metrics", "/healthz", "/readyz"):
@@ -308,6 +315,10 @@ async def _rotation(db: Db, tmp_path: Path) -> tuple[list[Verdicts], list[dict[s
 
 def test_rotation_with_sighup_and_send_test(db: Db, tmp_path: Path) -> None:
     per_step, send_tests, log, pages = asyncio.run(_rotation(db, tmp_path))
+    refused_reload = per_step.pop()  # the running secrets ([new]) still sign
+    assert {p: c for (p, _), c in refused_reload.items()} == \
+        {p: 204 if p in STEPS[-1][1] else 401 for p in PATHS}
+    assert "webhooks.secret_key: secret 1 (of 2) cannot be a Standard Webhooks secret" in log
     for (secrets, accepting), step, tested in zip(STEPS, per_step, send_tests, strict=True):
         answered = {p: code for (p, _), code in step.items()}
         expected = {p: 204 if p in accepting else 401 for p in PATHS}
@@ -323,7 +334,7 @@ def test_rotation_with_sighup_and_send_test(db: Db, tmp_path: Path) -> None:
     report = ops.status(db.dsn, cfg)
     shown = ops.format_status(report) + json.dumps(report.to_json())
     for where, text in (("log", log), ("tables", tables), ("status", shown), *pages.items()):
-        for secret in (OLD, NEW):
+        for secret in (OLD, NEW, BAD):
             assert secret[6:] not in text, where
 
 
