@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import psycopg
@@ -158,6 +158,53 @@ class DatabaseConfig(_Model):
         return self.schema_name
 
 
+_RESERVED_HEADERS = ("content-type", "user-agent")
+_RESERVED_PREFIXES = ("x-qlm-", "webhook-")
+
+
+class CircuitBreakerConfig(_Model):
+    """Open after `failures` consecutive failed attempts; send one probe after `cooldown` s."""
+
+    failures: int = Field(default=5, ge=1, le=10000)
+    cooldown: float = Field(default=60.0, gt=0, le=86400)
+
+
+class EndpointConfig(_Model):
+    """Settings of one receiver URL (webhooks.endpoints.<url>); a key left out falls back to
+    the global webhooks.* value."""
+
+    secret_key: str | None = None
+    timeout: float | None = Field(default=None, gt=0, le=600)
+    max_retries: int | None = Field(default=None, ge=0, le=1000)
+    retry_interval: float | None = Field(default=None, ge=0, le=7 * 86400)
+    retry_policy: Literal["fixed", "exponential"] | None = None
+    max_retry_interval: float | None = Field(default=None, gt=0)
+    per_url_concurrency: int | None = Field(default=None, ge=1, le=1000)
+    rate_limit: float | None = Field(default=None, gt=0, le=100000)  # requests/s, all daemons
+    ordering: Literal["none", "per_key"] | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and value == "":
+            raise ValueError("is empty; remove the key to use webhooks.secret_key")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            low = name.lower()
+            if low in _RESERVED_HEADERS or low.startswith(_RESERVED_PREFIXES):
+                raise ValueError(f"{name!r} is set by the bridge itself and cannot be "
+                                 "overridden (Content-Type, User-Agent, X-QLM-*, webhook-*)")
+            if not name or any(c in name for c in " :\r\n\t") or any(c in text for c in "\r\n"):
+                raise ValueError(f"{name!r}: not a valid header name or value")
+        return value
+
+
 class WebhooksConfig(_Model):
     enabled: bool = Field(default=True, validation_alias=AliasChoices("enabled", "webHooksEnabled"))
     secret_key: str | None = Field(
@@ -186,6 +233,28 @@ class WebhooksConfig(_Model):
     field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict
     )
+    ordering: Literal["none", "per_key"] = "none"
+    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _empty_endpoints(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):  # `"https://x":` with nothing under it: all defaults
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _endpoints_are_subscribed(self) -> WebhooksConfig:
+        known = list(dict.fromkeys(u for _, u in self.subscriptions()))
+        for url in self.endpoints:
+            if url not in known:
+                close = difflib.get_close_matches(url, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"endpoints: {url!r} is not a URL of webhooks.events; "
+                                 f"{hint}every key of endpoints must be one")
+        return self
 
     @field_validator("secret_key")
     @classmethod
@@ -324,11 +393,15 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _lease_longer_than_timeout(self) -> Config:
-        if self.daemon.lease <= self.webhooks.timeout:
+        wh = self.webhooks
+        timeouts = [("webhooks.timeout", wh.timeout)] + [
+            (f"webhooks.endpoints.{url}.timeout", e.timeout)
+            for url, e in wh.endpoints.items() if e.timeout is not None]
+        key, longest = max(timeouts, key=lambda kv: kv[1])
+        if self.daemon.lease <= longest:
             raise ValueError(
-                f"daemon.lease ({self.daemon.lease:g} s) must be longer than webhooks.timeout "
-                f"({self.webhooks.timeout:g} s), or other daemons would redeliver in-flight "
-                "requests"
+                f"daemon.lease ({self.daemon.lease:g} s) must be longer than {key} "
+                f"({longest:g} s), or other daemons would redeliver in-flight requests"
             )
         return self
 
@@ -430,13 +503,18 @@ def _prepare(model: type[_Model], data: Any, path: str, errors: list[str]) -> An
 def _model_at(loc: tuple[int | str, ...]) -> type[_Model] | None:
     """The config model a validation error's location points into (for spelling hints)."""
     model: type[_Model] | None = Config
+    keyed = False  # the part before was a mapping of sections (webhooks.endpoints): a key
     for part in loc:
         if model is None or not isinstance(part, str):
             return None
+        if keyed:
+            keyed = False
+            continue
         found = None
         for name, field in model.model_fields.items():
             if part in _keys_of(name, field):
                 found = _section_model(field.annotation)
+                keyed = get_origin(field.annotation) is dict and found is not None
                 break
         model = found
     return model
