@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import psycopg
@@ -141,10 +141,13 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _secret_problem(secret: str, standard_webhooks: bool) -> str | None:
-    """What is wrong with one webhooks.secret_key entry, if anything (never its value)."""
+_UNSIGNED = "remove the key to send unsigned requests, or set a secret"
+
+
+def _secret_problem(secret: str, standard_webhooks: bool, empty: str = _UNSIGNED) -> str | None:
+    """What is wrong with one secret_key entry, if anything (never its value)."""
     if not secret:
-        return "is empty; remove the key to send unsigned requests, or set a secret"
+        return f"is empty; {empty}"
     if not standard_webhooks:
         return None
     if any(c.isspace() for c in secret):
@@ -155,6 +158,14 @@ def _secret_problem(secret: str, standard_webhooks: bool) -> str | None:
     except ValueError as exc:
         return f"cannot be a Standard Webhooks secret: it {exc}"
     return None
+
+
+def _some_url_unsigned(data: Mapping[str, Any]) -> bool:
+    """Without webhooks.secret_key, whether some URL (or, with none yet, any URL) would have
+    no secret: every subscribed URL needs webhooks.endpoints.<url>.secret_key then."""
+    urls = {u for us in (data.get("events") or {}).values() for u in us}
+    endpoints = data.get("endpoints") or {}
+    return not urls or any(not getattr(endpoints.get(u), "secret_key", None) for u in urls)
 
 
 EventName = Annotated[str, AfterValidator(_check_event_name)]
@@ -176,15 +187,97 @@ class DatabaseConfig(_Model):
         return self.schema_name
 
 
+_RESERVED_HEADERS = ("content-type", "user-agent")
+_RESERVED_PREFIXES = ("x-qlm-", "webhook-")
+
+
+def _secret_list(value: Any, unset: tuple[str, ...] | None) -> Any:
+    """A secret_key as written (a string, or a list while rotating) -> a tuple; `unset` for
+    null."""
+    if value is None:
+        return unset
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        if isinstance(value, list) and not value:
+            raise ValueError("is an empty list; remove the key, or list the secrets, current "
+                             f"first ({GEN_SECRET_HINT})")
+        return value
+    got = _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
+    raise ValueError("must be a string, or a list of strings (current secret first) "
+                     f"while rotating (got {got})")
+
+
+def _secrets_problems(secrets: tuple[str, ...], standard_webhooks: bool,
+                      empty: str = _UNSIGNED) -> str | None:
+    """Everything wrong with a secret_key's entries, in one message (never their values)."""
+    problems = []
+    for i, secret in enumerate(secrets):
+        problem = _secret_problem(secret, standard_webhooks, empty)
+        if problem is None and secret in secrets[:i]:
+            problem = f"is the same as secret {secrets.index(secret) + 1}"
+        if problem is not None:
+            problems.append(problem if len(secrets) == 1 else
+                            f"secret {i + 1} (of {len(secrets)}) {problem}")
+    return "; ".join(problems) if problems else None
+
+
+class CircuitBreakerConfig(_Model):
+    """Open after `failures` consecutive failed attempts; send one probe after `cooldown` s."""
+
+    failures: int = Field(default=5, ge=1, le=10000)
+    cooldown: float = Field(default=60.0, gt=0, le=86400)
+
+
+class EndpointConfig(_Model):
+    """Settings of one receiver URL (webhooks.endpoints.<url>); a key left out falls back to
+    the global webhooks.* value."""
+
+    # One secret, or several while rotating (current first); None: webhooks.secret_key.
+    secret_key: tuple[str, ...] | None = Field(default=None, repr=False)
+    timeout: float | None = Field(default=None, gt=0, le=600)
+    max_retries: int | None = Field(default=None, ge=0, le=1000)
+    retry_interval: float | None = Field(default=None, ge=0, le=7 * 86400)
+    retry_policy: Literal["fixed", "exponential"] | None = None
+    max_retry_interval: float | None = Field(default=None, gt=0)
+    per_url_concurrency: int | None = Field(default=None, ge=1, le=1000)
+    rate_limit: float | None = Field(default=None, gt=0, le=100000)  # requests/s, all daemons
+    ordering: Literal["none", "per_key"] | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _secret_list(cls, value: Any) -> Any:
+        return _secret_list(value, None)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secrets_valid(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # What Standard Webhooks needs is checked by WebhooksConfig, which knows the flag.
+        problem = _secrets_problems(value, False, "remove the key to use webhooks.secret_key") \
+            if value else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            low = name.lower()
+            if low in _RESERVED_HEADERS or low.startswith(_RESERVED_PREFIXES):
+                raise ValueError(f"{name!r} is set by the bridge itself and cannot be "
+                                 "overridden (Content-Type, User-Agent, X-QLM-*, webhook-*)")
+            if not name or any(c in name for c in " :\r\n\t") or any(c in text for c in "\r\n"):
+                raise ValueError(f"{name!r}: not a valid header name or value")
+        return value
+
+
 class WebhooksConfig(_Model):
     enabled: bool = Field(default=True, validation_alias=AliasChoices("enabled", "webHooksEnabled"))
-    # Before secret_key: its checks depend on it.
+    # Before secret_key and endpoints: their checks depend on it.
     standard_webhooks: bool = False
-    # One secret, or several while rotating (current first); () sends unsigned requests.
-    secret_key: tuple[str, ...] = Field(
-        default=(), validate_default=True, repr=False,
-        validation_alias=AliasChoices("secret_key", "webHookSecretKey"),
-    )
     max_retries: int = Field(
         default=5, ge=0, le=1000, validation_alias=AliasChoices("max_retries", "webHookMaxRetries")
     )
@@ -207,40 +300,64 @@ class WebhooksConfig(_Model):
     field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict
     )
+    ordering: Literal["none", "per_key"] = "none"
+    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    # After events and endpoints (its checks look at them). One secret, or several while
+    # rotating (current first); () sends unsigned requests.
+    secret_key: tuple[str, ...] = Field(
+        default=(), validate_default=True, repr=False,
+        validation_alias=AliasChoices("secret_key", "webHookSecretKey"),
+    )
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _empty_endpoints(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):  # `"https://x":` with nothing under it: all defaults
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _endpoints_are_subscribed(self) -> WebhooksConfig:
+        known = list(dict.fromkeys(u for _, u in self.subscriptions()))
+        for url in self.endpoints:
+            if url not in known:
+                close = difflib.get_close_matches(url, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"endpoints: {url!r} is not a URL of webhooks.events; "
+                                 f"{hint}every key of endpoints must be one")
+        return self
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_secrets_usable(cls, value: dict[str, EndpointConfig],
+                                 info: ValidationInfo) -> dict[str, EndpointConfig]:
+        if not info.data.get("standard_webhooks"):
+            return value
+        problems = [f"webhooks.endpoints.{url}.secret_key: {problem}"
+                    for url, ep in value.items() if ep.secret_key
+                    for problem in [_secrets_problems(ep.secret_key, True)] if problem]
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return value
 
     @field_validator("secret_key", mode="before")
     @classmethod
     def _secret_list(cls, value: Any) -> Any:
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, list | tuple):
-            if isinstance(value, list) and not value:  # () is the default
-                raise ValueError("is an empty list; remove the key to send unsigned requests, "
-                                 f"or list the secrets, current first ({GEN_SECRET_HINT})")
-            return value
-        got = _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
-        raise ValueError("must be a string, or a list of strings (current secret first) "
-                         f"while rotating (got {got})")
+        return _secret_list(value, ())
 
     @field_validator("secret_key")
     @classmethod
     def _secrets_usable(cls, value: tuple[str, ...],
                         info: ValidationInfo) -> tuple[str, ...]:
-        if info.data.get("standard_webhooks") and not value:
+        standard = bool(info.data.get("standard_webhooks"))
+        if standard and not value and _some_url_unsigned(info.data):
             raise ValueError("is required with webhooks.standard_webhooks: true (requests "
                              f"would go unsigned); {GEN_SECRET_HINT}")
-        problems = []
-        for i, secret in enumerate(value):
-            problem = _secret_problem(secret, bool(info.data.get("standard_webhooks")))
-            if problem is None and secret in value[:i]:
-                problem = f"is the same as secret {value.index(secret) + 1}"
-            if problem is not None:
-                problems.append(problem if len(value) == 1 else
-                                f"secret {i + 1} (of {len(value)}) {problem}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        problem = _secrets_problems(value, standard)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @property
@@ -378,11 +495,15 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _lease_longer_than_timeout(self) -> Config:
-        if self.daemon.lease <= self.webhooks.timeout:
+        wh = self.webhooks
+        timeouts = [("webhooks.timeout", wh.timeout)] + [
+            (f"webhooks.endpoints.{url}.timeout", e.timeout)
+            for url, e in wh.endpoints.items() if e.timeout is not None]
+        key, longest = max(timeouts, key=lambda kv: kv[1])
+        if self.daemon.lease <= longest:
             raise ValueError(
-                f"daemon.lease ({self.daemon.lease:g} s) must be longer than webhooks.timeout "
-                f"({self.webhooks.timeout:g} s), or other daemons would redeliver in-flight "
-                "requests"
+                f"daemon.lease ({self.daemon.lease:g} s) must be longer than {key} "
+                f"({longest:g} s), or other daemons would redeliver in-flight requests"
             )
         return self
 
@@ -484,13 +605,18 @@ def _prepare(model: type[_Model], data: Any, path: str, errors: list[str]) -> An
 def _model_at(loc: tuple[int | str, ...]) -> type[_Model] | None:
     """The config model a validation error's location points into (for spelling hints)."""
     model: type[_Model] | None = Config
+    keyed = False  # the part before was a mapping of sections (webhooks.endpoints): a key
     for part in loc:
         if model is None or not isinstance(part, str):
             return None
+        if keyed:
+            keyed = False
+            continue
         found = None
         for name, field in model.model_fields.items():
             if part in _keys_of(name, field):
                 found = _section_model(field.annotation)
+                keyed = get_origin(field.annotation) is dict and found is not None
                 break
         model = found
     return model
@@ -550,7 +676,9 @@ def _format_validation(exc: ValidationError, skip: set[str] | None = None) -> li
         if skip and where in skip:
             continue
         msg = _message(err, loc)
-        lines.append(msg if not loc else f"{where}: {msg}")
+        # A check on a section that names its own key path (webhooks.endpoints.<url>...).
+        own = msg.startswith(where + ".")
+        lines.append(msg if not loc or own else f"{where}: {msg}")
     return lines
 
 

@@ -53,6 +53,9 @@ class Metrics:
                                     "Age of the oldest pending delivery", registry=r)
         self.listener_connected = Gauge("qlm_bridge_listener_connected",
                                         "1 while the LISTEN connection is up", registry=r)
+        self.breaker_open = Gauge("qlm_bridge_circuit_breaker_open",
+                                  "1 while an endpoint's circuit breaker is open", ["url"],
+                                  registry=r)
         self.db_errors = Counter("qlm_bridge_database_errors_total",
                                  "Database errors the daemon recovered from", registry=r)
 

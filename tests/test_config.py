@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import get_origin
 
 import pytest
 
@@ -317,6 +318,39 @@ def test_standard_webhooks_without_secret_key(tmp_path: Path) -> None:
     assert "`qlm-bridge gen-secret`" in msg
 
 
+def test_endpoint_secrets(tmp_path: Path) -> None:
+    a, b = "https://a.example/hook", "https://b.example/hook"
+    good = "whsec_bmV3LW5ldw=="
+    base = f"""\
+        database: {{dsn: "{GOOD_DSN}"}}
+        webhooks:
+          standard_webhooks: true
+          events: {{license_created: ["{a}", "{b}"]}}
+        """.rstrip(" ")
+    # every URL has its own secret: no global one needed
+    path = write(tmp_path, base + f"""\
+          endpoints:
+            "{a}": {{secret_key: [{good}, whsec_b2xkLW9sZA]}}
+            "{b}": {{secret_key: {good}}}
+        """)
+    assert config.load(path, env={}).webhooks.endpoints[a].secret_key == (
+        good, "whsec_b2xkLW9sZA")
+    msg = problems(tmp_path, base + f"""\
+          endpoints:
+            "{a}": {{secret_key: [{good}, "sécret"]}}
+        """)
+    assert (f"webhooks.endpoints.{a}.secret_key: secret 2 (of 2) cannot be a Standard "
+            "Webhooks secret: it has non-ASCII characters") in msg
+    assert "webhooks.secret_key: is required with webhooks.standard_webhooks: true" in msg  # b
+    assert "sécret" not in msg and "bmV3" not in msg
+    msg = problems(tmp_path, base.replace("standard_webhooks: true", "secret_key: s") + f"""\
+          endpoints:
+            "{a}": {{secret_key: ["", s]}}
+        """)
+    assert (f"webhooks.endpoints.{a}.secret_key: secret 1 (of 2) is empty; remove the key to "
+            "use webhooks.secret_key") in msg
+
+
 def test_any_secret_serves_x_qlm_signature_alone(tmp_path: Path) -> None:
     """Without standard_webhooks, X-QLM-Signature takes any non-empty string, as QLM does."""
     for value in ('"sécret-ключ"', "whsec_abcde", '"two words"'):
@@ -462,7 +496,7 @@ def _model_keys(model: type[config._Model], prefix: str = "") -> set[str]:
             else name
         section = config._section_model(field.annotation)
         keys.add(prefix + key)
-        if section is not None:
+        if section is not None and get_origin(field.annotation) is not dict:
             keys |= _model_keys(section, f"{prefix}{key}.")
     return keys
 
@@ -491,8 +525,12 @@ def test_example_config_loads() -> None:
 def test_example_config_documents_every_key_with_its_default() -> None:
     import yaml
 
-    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    text = EXAMPLE.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
     assert _yaml_keys(data) == _model_keys(config.Config)
+    # webhooks.endpoints is a mapping of URLs: its keys are documented in the comment above it
+    for key in _model_keys(config.EndpointConfig):
+        assert key.rsplit(".", 1)[-1] in text, key
     example = config.load(EXAMPLE, env={"QLM_WEBHOOK_SECRET": "x"}).model_dump()
     defaults = config.Config(database=config.DatabaseConfig(dsn="host=h")).model_dump()
     for section, keys in (("database", ("dsn",)), ("webhooks", ("secret_key", "events"))):

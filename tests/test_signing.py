@@ -363,3 +363,33 @@ def test_send_test_with_an_unpadded_secret(db: Db) -> None:
                                  "license_activated", cfg))
     assert [r.status for r in results] == [204, 204, 401]
     assert sorted(verdicts.values()) == [204, 204, 401]
+
+
+# --- per-endpoint secrets (webhooks.endpoints.<url>.secret_key) -----------------------------------
+
+
+async def _per_endpoint(db: Db) -> tuple[Verdicts, list[ops.SendResult], dict[str, str]]:
+    verdicts: Verdicts = {}
+    seen: dict[str, str] = {}
+    rx = await Receiver(behaviours={"/a": official(PADDED, verdicts),
+                                    "/b": official(PLAIN, verdicts)}).start()
+    a, b = rx.url("/a"), rx.url("/b")
+    cfg = db.config(webhooks={
+        "secret_key": PLAIN, "standard_webhooks": True, "max_retries": 0,
+        "events": {"customer_created": [a, b]},
+        "endpoints": {a: {"secret_key": [UNPADDED, PADDED], "headers": {"X-Tenant": "t-1"}}}})
+    async with running(cfg):
+        db.execute("INSERT INTO customers (full_name) VALUES ('endpoint')")
+        await rx.wait_for(lambda: len(verdicts) == 2)
+    results = await asyncio.to_thread(ops.send_test, [a, b], "customer_created", cfg)
+    for r in rx.on("/a"):
+        seen[r.headers["X-QLM-Event-Id"]] = r.headers.get("X-Tenant", "")
+    await rx.stop()
+    return verdicts, results, seen
+
+
+def test_endpoint_secrets_for_daemon_and_send_test(db: Db) -> None:
+    verdicts, results, tenant = asyncio.run(_per_endpoint(db))
+    assert set(verdicts.values()) == {204}  # the daemon's two deliveries
+    assert [r.status for r in results] == [204, 204]  # send-test: the same policies
+    assert list(tenant.values()) == ["t-1", "t-1"]  # the endpoint's header, both times
