@@ -25,7 +25,7 @@ import psycopg
 from bridge import install, sql
 from bridge.config import Config, check_url, redact_url
 from bridge.dispatch import Dispatcher, sanitize
-from bridge.engine.policy import EndpointPolicy, Policies
+from bridge.engine.policy import EndpointPolicy, Policies, policy_for
 from bridge.errors import BridgeError, ConfigError
 from bridge.events import ALL_EVENTS, kind_of
 from bridge.payload import Event
@@ -469,6 +469,11 @@ class SendResult:
     @property
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
+
+
+def signed(config: Config, url: str) -> bool:
+    """Whether requests to `url` carry a signature (a global or an endpoint secret)."""
+    return bool(policy_for(config.webhooks, url).signer.secrets)
 
 
 def targets_for(config: Config, event_type: str) -> tuple[str, ...]:

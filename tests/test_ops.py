@@ -519,6 +519,14 @@ webhooks:
     assert len(receiver.requests) == 3
 
 
+def test_send_test_cli_says_when_unsigned(db: Db, receiver: Receiver, tmp_path: Path) -> None:
+    path = write_config(tmp_path, db, "webhooks: {timeout: 2}\n")
+    result = run_cli("send-test", "--config", str(path), receiver.url("/ok"))
+    assert result.returncode == 0, result.stderr
+    assert f"note: no secret_key for {receiver.url('/ok')}; unsigned" in result.stderr
+    assert "X-QLM-Signature" not in receiver.requests[-1][1]
+
+
 def test_config_fixture_is_signed(db: Db) -> None:
     cfg: Config = db.config()
     assert cfg.webhooks.secret_key == (SECRET,)
