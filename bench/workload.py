@@ -54,13 +54,22 @@ def burst(dsn: str, n: int, prefix: str, chunk: int = 10_000) -> float:
 
 @dataclass(frozen=True)
 class Steady:
-    commits: dict[str, float]  # activation_key -> commit time (time.time())
+    sent: dict[str, float]  # activation_key -> time.time() just before `execute` sent the INSERT
+    committed: dict[str, float]  # activation_key -> time.time() when `execute` returned (commit)
     behind_ms: float  # how far the writer fell behind its schedule at worst
+
+    @property
+    def insert_ms(self) -> list[float]:
+        """Each INSERT's own round trip (autocommit: send to commit), ms."""
+        return [(self.committed[k] - t) * 1000 for k, t in self.sent.items()]
 
 
 def steady(dsn: str, rate: float, seconds: float, prefix: str) -> Steady:
-    """One single-row INSERT transaction every 1/rate s on an absolute schedule."""
-    commits: dict[str, float] = {}
+    """One single-row INSERT (psycopg autocommit) every 1/rate s on an absolute schedule. Each
+    event's time is taken just before `execute`, because that is when an application asks for
+    the change: latency = arrival at the receiver minus that time."""
+    sent: dict[str, float] = {}
+    committed: dict[str, float] = {}
     behind = 0.0
     total = int(rate * seconds)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -74,9 +83,10 @@ def steady(dsn: str, rate: float, seconds: float, prefix: str) -> Steady:
             else:
                 behind = max(behind, now - due)
             key = f"{prefix}{i}"
+            sent[key] = time.time()
             conn.execute(_ONE, (key,))
-            commits[key] = time.time()
-    return Steady(commits, behind * 1000)
+            committed[key] = time.time()
+    return Steady(sent, committed, behind * 1000)
 
 
 def preload(dsn: str, rows: int) -> None:
