@@ -59,7 +59,7 @@ def receipts(out: Path, title: str, series: Mapping[str, Sequence[float]],
         for t in times:
             counts[max(0, int(t / bin_s))] += 1
         ax.step([i * bin_s for i in range(bins)], counts, where="post", label=label)
-    ax.set_xlabel("time since the burst's commit (s)")
+    ax.set_xlabel("time since the start (s): the burst's commit; the raw client's first request")
     ax.set_ylabel(f"receipts per {int(bin_s * 1000)} ms")
     ax.set_ylim(bottom=0)
     ax.set_title(title)

@@ -421,7 +421,7 @@ def _latency_figures(rate: int, lat: list[float], floor: list[float], extra: dic
             f"P3.{rate}.{name}", f"P3 latency {name} at {rate}/s (ms, INSERT sent -> received; "
             f"baseline: HTTP round trip {name})", round(v, 2), "ms", round(base, 2),
             f"<= {target:g} ms" if target else "-", _le(v, target) if target else None,
-            notes=notes if name == "max" else "", extra=extra if name == "p50" else {}))
+            notes=notes if name == "p50" else "", extra=extra if name == "p50" else {}))
     return figures
 
 
@@ -446,17 +446,21 @@ def p3_latency(ctx: Ctx) -> list[Figure]:
         lat = [(arrivals[k] - st.sent[k]) * 1000 for k in keys]
         insert = st.insert_ms
         missing = len(st.sent) - len(lat)
+        short = st.rate < 0.95 * rate
+        notes = "; ".join(x for x in (f"{missing} missing" if missing else "",
+                                       f"writer reached only {st.rate:.0f}/s" if short else "")
+                          if x)
         ctx.log(f"  {rate}/s: p50 {_pct(lat, 0.5):.2f} p99 {_pct(lat, 0.99):.2f} p99.9 "
                 f"{_pct(lat, 0.999):.2f} max {max(lat):.2f} ms (floor p50 "
                 f"{_pct(floor, 0.5):.2f}); the INSERT alone p50 {_pct(insert, 0.5):.2f} p99 "
                 f"{_pct(insert, 0.99):.2f} max {max(insert):.2f} ms; writer behind <= "
-                f"{st.behind_ms:.1f} ms; cpu {cpu}")
+                f"{st.behind_ms:.1f} ms, reached {st.rate:.0f}/s; cpu {cpu}")
         extra = {"events": len(st.sent), "missing": missing, "seconds": ctx.modes.p3_seconds,
+                 "writer_rate": st.rate,
                  "writer_behind_ms": st.behind_ms, "cpu_seconds": cpu,
                  "insert_ms": {"p50": _pct(insert, 0.5), "p99": _pct(insert, 0.99),
                                "max": max(insert)}}
-        figures += _latency_figures(rate, lat, floor, extra,
-                                    f"{missing} missing" if missing else "")
+        figures += _latency_figures(rate, lat, floor, extra, notes)
         ctx.plot(f"p3-latency-{rate}.png", functools.partial(
             plots.latency, title=f"P3: {rate} single-row INSERTs/s for "
             f"{ctx.modes.p3_seconds:g} s, latency of each event",

@@ -63,6 +63,12 @@ class Steady:
         """Each INSERT's own round trip (autocommit: send to commit), ms."""
         return [(self.committed[k] - t) * 1000 for k, t in self.sent.items()]
 
+    @property
+    def rate(self) -> float:
+        """The rate the writer reached (a single connection can fall short of the schedule)."""
+        times = sorted(self.sent.values())
+        return (len(times) - 1) / max(1e-6, times[-1] - times[0]) if len(times) > 1 else 0.0
+
 
 def steady(dsn: str, rate: float, seconds: float, prefix: str) -> Steady:
     """One single-row INSERT (psycopg autocommit) every 1/rate s on an absolute schedule. Each
