@@ -23,7 +23,7 @@ def latency(out: Path, title: str, sent: Sequence[float], latency_ms: Sequence[f
     """Each event's latency (ms) against its send time (s since the first send); the INSERT's
     own round trip beside it, and the targets as horizontal lines."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(13, 4.5), dpi=100)
     t0 = min(sent) if sent else 0.0
     xs = [t - t0 for t in sent]
     ax.scatter(xs, latency_ms, s=4, color="tab:blue", label="INSERT sent -> webhook received")
@@ -37,7 +37,7 @@ def latency(out: Path, title: str, sent: Sequence[float], latency_ms: Sequence[f
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the data
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -50,7 +50,7 @@ def receipts(out: Path, title: str, series: Mapping[str, Sequence[float]],
     """Receipts per `bin_s` against time since each series' start (arrival times are already
     relative to that start: the burst's commit or the raw client's first request)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(13, 4.5), dpi=100)
     for label, times in series.items():
         if not times:
             continue
@@ -64,7 +64,7 @@ def receipts(out: Path, title: str, series: Mapping[str, Sequence[float]],
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the data
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

@@ -437,7 +437,7 @@ def p3_latency(ctx: Ctx) -> list[Figure]:
             time.sleep(0.5)
             with _cpu(ctx, {"daemon": d.pid}) as cpu:
                 st = workload.steady(dsn, rate, ctx.modes.p3_seconds, f"lat{rate}-")
-            ctx.rx.wait_count(path, len(st.sent) + 1, timeout=15)
+            ctx.rx.wait_count(path, len(st.sent) + st.writers, timeout=15)
         finally:
             ctx.procs.stop(d.proc)
             ctx.dbs.drop(dsn)
@@ -448,15 +448,16 @@ def p3_latency(ctx: Ctx) -> list[Figure]:
         missing = len(st.sent) - len(lat)
         short = st.rate < 0.95 * rate
         notes = "; ".join(x for x in (f"{missing} missing" if missing else "",
-                                       f"writer reached only {st.rate:.0f}/s" if short else "")
+                                       f"writers reached only {st.rate:.0f}/s" if short else "")
                           if x)
         ctx.log(f"  {rate}/s: p50 {_pct(lat, 0.5):.2f} p99 {_pct(lat, 0.99):.2f} p99.9 "
                 f"{_pct(lat, 0.999):.2f} max {max(lat):.2f} ms (floor p50 "
                 f"{_pct(floor, 0.5):.2f}); the INSERT alone p50 {_pct(insert, 0.5):.2f} p99 "
                 f"{_pct(insert, 0.99):.2f} max {max(insert):.2f} ms; writer behind <= "
-                f"{st.behind_ms:.1f} ms, reached {st.rate:.0f}/s; cpu {cpu}")
+                f"{st.behind_ms:.1f} ms, {st.writers} writer(s) reached {st.rate:.0f}/s; "
+                f"cpu {cpu}")
         extra = {"events": len(st.sent), "missing": missing, "seconds": ctx.modes.p3_seconds,
-                 "writer_rate": st.rate,
+                 "writer_rate": st.rate, "writers": st.writers,
                  "writer_behind_ms": st.behind_ms, "cpu_seconds": cpu,
                  "insert_ms": {"p50": _pct(insert, 0.5), "p99": _pct(insert, 0.99),
                                "max": max(insert)}}
