@@ -18,32 +18,47 @@ from typing import Any
 import asyncpg
 
 from bridge import config as config_mod
-from bridge.config import Config
+from bridge.config import DEFAULT_SITE, Config, Sites
 from bridge.engine.executor import describe
 from bridge.engine.site import Site
 from bridge.errors import BridgeError
-from bridge.listener import Listener
-from bridge.observe import Metrics, serve, setup_logging
+from bridge.listener import Listener, backoff
+from bridge.observe import Metrics, current_site, serve, setup_logging
 
 log = logging.getLogger("bridge.daemon")
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None = None, *,
+    """The process: one `Site` (its own services and connections) per license database."""
+
+    def __init__(self, config: Config | Sites, config_path: str | None = None, *,
                  daemon_id: str | None = None, metrics: Metrics | None = None) -> None:
-        self.config = config
+        self.sites_config = config if isinstance(config, Sites) else Sites({DEFAULT_SITE: config})
+        self.config = self.sites_config.first()
         self.config_path = config_path
         self.id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.metrics = metrics or Metrics()
-        self.site = Site("default", config, self.id, self.metrics)
-        self.ready = self.site.ready  # set once connected and listening
+        self.sites: dict[str, Site] = {name: self._new_site(name, cfg)
+                                       for name, cfg in self.sites_config.configs.items()}
+        self.ready = asyncio.Event()  # set once every site is connected and listening
         self.stopping = False
         self._stopped = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._reloads: set[asyncio.Future[None]] = set()
+
+    def _new_site(self, name: str, config: Config) -> Site:
+        return Site(name, config, self.id, self.metrics.site(name))
+
+    @property
+    def site(self) -> Site:
+        """The first site (the only one of a config without `sites:`)."""
+        return next(iter(self.sites.values()))
 
     @property
     def _listener(self) -> Listener | None:
         return self.site.listener
+
+    # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, install_signals: bool = False) -> None:
         if install_signals:
@@ -52,9 +67,24 @@ class Daemon:
         try:
             address = self.config.observe.address()
             if address is not None:
-                runner = await serve(address[0], address[1], self.metrics, self.site.readiness,
-                                     self.site.refresh_gauges)
-            await self.site.run()
+                runner = await serve(address[0], address[1], self.metrics, self.readiness,
+                                     self.refresh_gauges)
+            for site in self.sites.values():
+                self._start(site)
+            watcher = asyncio.create_task(self._watch_ready(), name="ready")
+            try:
+                while self._tasks:
+                    done, _ = await asyncio.wait(set(self._tasks.values()),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        self._tasks = {n: t for n, t in self._tasks.items() if t is not task}
+                        if not self.stopping:
+                            self._site_ended(task)
+            finally:
+                watcher.cancel()
+                self.stop()
+                if self._tasks:
+                    await asyncio.wait(set(self._tasks.values()))
         finally:
             if runner is not None:
                 with contextlib.suppress(Exception):
@@ -63,13 +93,49 @@ class Daemon:
                 self._remove_signals()
             self._stopped.set()
 
+    def _start(self, site: Site) -> None:
+        self._tasks[site.name] = asyncio.create_task(self._run_site(site), name=site.name)
+
+    def _site_ended(self, task: asyncio.Task[None]) -> None:
+        """A site's task ended while the daemon runs: a config without `sites:` ends with
+        it (its error is the daemon's); one of several sites never takes the others down."""
+        exc = task.exception()
+        if exc is not None:
+            if not self.sites_config.explicit:
+                raise exc
+            log.error("site %s stopped: %s", task.get_name(), describe(exc))
+
+    async def _run_site(self, site: Site) -> None:
+        """Run one site; with explicit sites, a site that cannot start (schema missing, bad
+        credentials, ...) is retried and reported while the others deliver."""
+        current_site.set(site.name if self.sites_config.explicit else None)
+        failures = 0
+        while True:
+            try:
+                await site.run()
+                return
+            except BridgeError as exc:
+                if not self.sites_config.explicit or site.stopping:
+                    raise
+                delay = backoff(failures, base=1.0, cap=self.config.daemon.reconnect_max_delay)
+                failures += 1
+                site.problem = describe(exc) if not str(exc) else str(exc)
+                log.error("site %s cannot start: %s; retrying in %.1f s", site.name, exc, delay)
+                if await site.sleep_unless_stopping(max(delay, 0.5)):
+                    return
+
+    async def _watch_ready(self) -> None:
+        await asyncio.gather(*(s.ready.wait() for s in self.sites.values()))
+        self.ready.set()
+
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent; safe from a signal handler)."""
         if not self.stopping:
             log.info("stopping: finishing in-flight deliveries (at most %g s)",
                      self.config.daemon.shutdown_timeout)
         self.stopping = True
-        self.site.stop()
+        for site in self.sites.values():
+            site.stop()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -90,18 +156,59 @@ class Daemon:
         self._reloads.add(future)
         future.add_done_callback(self._reloads.discard)
 
+    # --- reload ------------------------------------------------------------------------------
+
     async def reload(self) -> None:
-        """SIGHUP: re-read the config file; an invalid edit keeps the running config."""
+        """SIGHUP: re-read the config file; an invalid edit keeps the running config. A site
+        added starts, a site removed stops gracefully, a site changed applies its change."""
         if self.config_path is None:
             log.warning("reload requested but the daemon has no config file")
             return
         try:
-            new = config_mod.load(self.config_path)
+            new = config_mod.load_sites(self.config_path)
         except BridgeError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
-        if await self.site.reload(new):
-            self.config = self.site.config
+        if new.first().observe != self.config.observe:
+            log.warning("observe.* changes need a restart; applying the rest")
+        removed = [n for n in self.sites if n not in new.configs]
+        for name in removed:
+            log.info("site %s removed from the config: stopping it", name)
+            self.sites.pop(name).stop()
+        for name, cfg in new.configs.items():
+            site = self.sites.get(name)
+            if site is None:
+                log.info("site %s added to the config: starting it", name)
+                self.sites[name] = site = self._new_site(name, cfg)
+                self._start(site)
+            else:
+                await site.reload(cfg)
+        self.sites_config = new
+        self.config = new.first()
+
+    # --- health ------------------------------------------------------------------------------
+
+    async def readiness(self, name: str | None = None
+                        ) -> tuple[bool, str, dict[str, tuple[bool, str]]] | None:
+        """Every enabled site ready (or the one named): (ready, detail, per site)."""
+        if name is not None and name not in self.sites:
+            return None
+        chosen = [self.sites[name]] if name is not None else list(self.sites.values())
+        answers = await asyncio.gather(*(s.readiness() for s in chosen))
+        per_site = {s.name: a for s, a in zip(chosen, answers, strict=True)}
+        waiting = [f"{n}: {d}" for (n, (ok, d)), s in zip(per_site.items(), chosen, strict=True)
+                   if not ok and s.config.webhooks.enabled]
+        if len(per_site) == 1:
+            ok, detail = next(iter(per_site.values()))
+            return ok, detail, per_site
+        if waiting:
+            return False, "; ".join(waiting), per_site
+        return True, f"{len(per_site)} site(s) ready", per_site
+
+    async def refresh_gauges(self) -> None:
+        for site in self.sites.values():
+            with contextlib.suppress(Exception):  # a site that is down keeps its last values
+                await site.refresh_gauges()
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -116,9 +223,10 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def main(config: Config, config_path: str | None) -> None:
+def main(config: Config | Sites, config_path: str | None) -> None:
     """`qlm-bridge run`: log setup, the event loop, signals."""
-    setup_logging(config.observe.log_format, config.observe.log_level)
+    first = config.first() if isinstance(config, Sites) else config
+    setup_logging(first.observe.log_format, first.observe.log_level)
     daemon = Daemon(config, config_path)
     try:
         run_loop(daemon.run(install_signals=True))

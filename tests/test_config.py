@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import get_origin
 from pathlib import Path
+from typing import get_origin
 
 import pytest
 

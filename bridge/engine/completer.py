@@ -16,7 +16,7 @@ from bridge.clock import Clock
 from bridge.engine.executor import describe
 from bridge.engine.policy import EndpointPolicy
 from bridge.listener import backoff
-from bridge.observe import Metrics
+from bridge.observe import SiteMetrics
 from bridge.store import BreakerChange, BreakerOutcome, Result, Store
 
 log = logging.getLogger("bridge.daemon")
@@ -42,7 +42,7 @@ def breaker_outcomes(batch: Sequence[Result],
 
 
 class Completer:
-    def __init__(self, store: Store, policy: Callable[[str], EndpointPolicy], metrics: Metrics,
+    def __init__(self, store: Store, policy: Callable[[str], EndpointPolicy], metrics: SiteMetrics,
                  clock: Clock, on_done: Callable[[list[Result], list[BreakerChange]], None],
                  max_delay: float) -> None:
         self.store = store

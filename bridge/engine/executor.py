@@ -16,7 +16,7 @@ from typing import Any
 from bridge import payload
 from bridge.dispatch import Dispatcher, Outcome
 from bridge.engine.policy import EndpointPolicy
-from bridge.observe import Metrics
+from bridge.observe import SiteMetrics
 from bridge.store import Claimed, Result
 
 # The delivery log keeps the first engine's logger name: operators' log queries rely on it.
@@ -32,7 +32,7 @@ def describe(exc: BaseException) -> str:
 class Executor:
     def __init__(self, dispatcher: Callable[[], Dispatcher],
                  policy: Callable[[str], EndpointPolicy], standard_webhooks: Callable[[], bool],
-                 metrics: Metrics) -> None:
+                 metrics: SiteMetrics) -> None:
         self._dispatcher = dispatcher
         self._policy = policy
         self._standard_webhooks = standard_webhooks
@@ -68,7 +68,7 @@ class Executor:
                       out.response_body)
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (str(id(metric)), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

@@ -23,7 +23,7 @@ from bridge.engine.executor import Executor
 from bridge.engine.gate import NotifyGate
 from bridge.engine.policy import Policies
 from bridge.engine.slots import Slots
-from bridge.observe import Metrics
+from bridge.observe import SiteMetrics
 from bridge.store import BreakerChange, Claimed, Result, Store
 
 log = logging.getLogger("bridge.daemon")
@@ -36,7 +36,7 @@ def jitter(seconds: float) -> float:
 class Producer:
     def __init__(self, store: Store, config: Callable[[], Config],
                  policies: Callable[[], Policies], slots: Slots, gate: NotifyGate,
-                 executor: Executor, completer: Completer, metrics: Metrics, clock: Clock,
+                 executor: Executor, completer: Completer, metrics: SiteMetrics, clock: Clock,
                  wake: asyncio.Event) -> None:
         self.store = store
         self.config = config

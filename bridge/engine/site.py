@@ -26,7 +26,7 @@ from bridge.engine.producer import Producer
 from bridge.engine.slots import Slots
 from bridge.errors import BridgeError, ConfigError
 from bridge.listener import Listener, backoff
-from bridge.observe import Metrics
+from bridge.observe import SiteMetrics
 from bridge.store import CONNECTION_ERRORS, Store, asyncpg_dsn
 
 log = logging.getLogger("bridge.daemon")
@@ -53,7 +53,7 @@ class Wiring:
 
 
 class Site:
-    def __init__(self, name: str, config: Config, daemon_id: str, metrics: Metrics,
+    def __init__(self, name: str, config: Config, daemon_id: str, metrics: SiteMetrics,
                  clock: Clock | None = None) -> None:
         self.name = name
         self.id = daemon_id
@@ -68,6 +68,7 @@ class Site:
         self.listener: Listener | None = None
         self.producer: Producer | None = None
         self.completer: Completer | None = None
+        self.problem: str | None = None  # why the site is not running, for /readyz
 
     @property
     def config(self) -> Config:
@@ -128,6 +129,7 @@ class Site:
         log.info("daemon %s started (schema %s, %d subscription(s), webhooks %s)", self.id,
                  cfg.database.schema_name, len(cfg.webhooks.subscriptions()),
                  "enabled" if cfg.webhooks.enabled else "DISABLED")
+        self.problem = None
         self.ready.set()
         try:
             await self._loop(producer)
@@ -157,7 +159,7 @@ class Site:
                 producer.gate.unknown()  # re-assert the NOTIFY flag once back
                 producer.poll_due = True
                 self._log_loop_error(exc, delay)
-                await self._sleep_unless_stopping(delay)
+                await self.sleep_unless_stopping(delay)
 
     def _log_loop_error(self, exc: BaseException, delay: float) -> None:
         if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedFunctionError):
@@ -175,7 +177,7 @@ class Site:
         if self.producer is not None:
             self.producer.stop()
 
-    async def _sleep_unless_stopping(self, delay: float) -> bool:
+    async def sleep_unless_stopping(self, delay: float) -> bool:
         """Sleep; True if a stop was requested meanwhile."""
         if self.stopping:
             return True
@@ -202,9 +204,10 @@ class Site:
             except DB_ERRORS as exc:
                 delay = backoff(failures, base=0.2, cap=self.config.daemon.reconnect_max_delay)
                 failures += 1
+                self.problem = f"database not reachable ({describe(exc)})"
                 log.warning("database not reachable (%s); retrying in %.1f s",
                             describe(exc), delay)
-                if await self._sleep_unless_stopping(delay):
+                if await self.sleep_unless_stopping(delay):
                     return False
 
     async def _register(self) -> None:
@@ -298,6 +301,13 @@ class Site:
     # --- health ------------------------------------------------------------------------------
 
     async def readiness(self) -> tuple[bool, str]:
+        ok, detail = await self._readiness()
+        self.metrics.site_ready.set(1 if ok else 0)
+        return ok, detail
+
+    async def _readiness(self) -> tuple[bool, str]:
+        if self.problem is not None and not self.ready.is_set():
+            return False, self.problem
         if self.store is None or not self.ready.is_set():
             return False, "starting: database not reached yet"
         listening = self.listener is not None and self.listener.connected
