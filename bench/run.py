@@ -20,10 +20,11 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import env, scenarios
+from bench import engine_features, env, scenarios
 from bench.scenarios import Figure
 
 HERE = Path(__file__).resolve().parent
+SCENARIOS = {**scenarios.ALL, "P7": engine_features.p7_ordering, "P8": engine_features.p8_sites}
 
 
 def code_version() -> dict[str, str]:
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args(argv)
-    wanted = [p.strip().upper() for p in args.only.split(",") if p.strip()] or list(
-        scenarios.ALL)
+    wanted = [p.strip().upper() for p in args.only.split(",") if p.strip()] or list(SCENARIOS)
     started = time.monotonic()
     figures: list[Figure] = []
     modes = scenarios.Modes.of(args.quick)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.monotonic()
                 print(f"{name} ...", flush=True)
                 try:
-                    figures += scenarios.ALL[name](ctx)
+                    figures += SCENARIOS[name](ctx)
                 except Exception as exc:  # one failed measurement must not lose the others
                     print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
                     figures.append(Figure(name, f"{name} (failed: {type(exc).__name__}: "
