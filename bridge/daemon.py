@@ -34,6 +34,7 @@ import asyncpg
 from bridge import config as config_mod
 from bridge import payload
 from bridge.config import Config
+from bridge.console import console_for
 from bridge.dispatch import Dispatcher, Outcome, close_quietly
 from bridge.errors import BridgeError, ConfigError
 from bridge.listener import Listener, backoff
@@ -157,7 +158,8 @@ class Daemon:
         address = cfg.observe.address()
         if address is not None:
             runner = await serve(address[0], address[1], self.metrics, self._readiness,
-                                 self._refresh_gauges)
+                                 self._refresh_gauges,
+                                 console=console_for(cfg, self._pool))  # the web console
         await self._refresh_urls()
         background = [asyncio.create_task(self._acker(), name="acker"),
                       asyncio.create_task(self._heartbeat(), name="heartbeat")]

@@ -248,11 +248,14 @@ class ReplayFilter:
     event_types: tuple[str, ...] = ()
     since: datetime | None = None
     all_states: bool = False
+    only_states: tuple[str, ...] = ()  # narrower than the default, e.g. ("failed",) (console)
 
     def is_empty(self) -> bool:
         return not (self.event_ids or self.urls or self.event_types or self.since)
 
     def states(self) -> list[str]:
+        if self.only_states:
+            return list(self.only_states)
         return ["failed", "skipped", "delivered"] if self.all_states else ["failed", "skipped"]
 
 
