@@ -63,12 +63,14 @@ SELECT e.event_id
 -- delivery's creation. Reads delivery_open_idx only, capped at $1 rows (the caller says
 -- "at least" when the cap is reached), so a huge backlog cannot make the page slow.
 WITH open AS (
-    SELECT d.url, d.event_id, d.state, d.attempts, d.locked_until, d.created_at
+    -- the event type by primary key, row by row: at most $1 lookups, whatever the table size
+    SELECT d.url, d.state, d.attempts, d.locked_until, d.created_at,
+           (SELECT e.event_type FROM __SCHEMA__.event e WHERE e.id = d.event_id) AS event_type
       FROM __SCHEMA__.delivery d
      WHERE d.state <> 'delivered'
      LIMIT $1::int
 )
-SELECT o.url, e.event_type,
+SELECT o.url, o.event_type,
        count(*) FILTER (WHERE o.state = 'pending') AS pending,
        count(*) FILTER (WHERE o.state = 'pending' AND o.locked_until > now()) AS in_flight,
        count(*) FILTER (WHERE o.state = 'pending' AND o.attempts > 0
@@ -78,8 +80,7 @@ SELECT o.url, e.event_type,
        min(o.created_at) FILTER (WHERE o.state = 'pending') AS oldest_pending,
        (SELECT count(*) FROM open) AS scanned
   FROM open o
-  JOIN __SCHEMA__.event e ON e.id = o.event_id
- GROUP BY o.url, e.event_type;
+ GROUP BY o.url, o.event_type;
 
 -- name: overview_delivered
 -- Successful attempts in the last hour per URL and event type, from attempt_log's started_at

@@ -147,14 +147,11 @@ class Console:
         if header is not None:
             scheme, _, given = header.partition(" ")
             if scheme.lower() == "bearer" and self.auth.token_matches(given.strip()):
-                request["auth"] = "bearer"
                 return await handler(request)
             await self.throttle.failed()
             return _unauthorized("wrong token")
         cookie = request.cookies.get(COOKIE)
         if cookie and self.auth.session_valid(cookie):
-            request["auth"] = "cookie"
-            request["session"] = cookie
             return await handler(request)
         if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
             return _see_other(f"{PREFIX}/login?" + urlencode({"next": request.path_qs}))
@@ -174,7 +171,7 @@ class Console:
     def _render(self, request: web.Request, template: str, status: int = 200,
                 **context: Any) -> web.Response:
         source = context.pop("source", None)
-        session = request.get("session")
+        session = _session(request)
         site = source.name if source is not None and len(self.sources) > 1 else None
         page = self.env.get_template(template).render(
             sites=list(self.sources) if len(self.sources) > 1 else [], site=site,
@@ -229,8 +226,8 @@ class Console:
 
     async def replay(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        if request.get("auth") == "cookie" and not self.auth.csrf_valid(
-                request["session"], str(form.get("csrf", ""))):
+        session = _session(request)
+        if session is not None and not self.auth.csrf_valid(session, str(form.get("csrf", ""))):
             return _plain(403, "missing or wrong CSRF token: reload the page and try again")
         if self.read_only:
             return _plain(403, "the console is read-only (observe.console_read_only)")
@@ -287,6 +284,14 @@ class Console:
 def _unauthorized(reason: str) -> web.Response:
     return web.Response(status=401, text=f"401 Unauthorized: {reason}\n",
                         headers={"WWW-Authenticate": 'Bearer realm="qlm-bridge console"'})
+
+
+def _session(request: web.Request) -> str | None:
+    """The session cookie of a request the middleware let in by cookie; None for Bearer (and
+    the login page), which needs no CSRF token."""
+    if "Authorization" in request.headers:
+        return None
+    return request.cookies.get(COOKIE)
 
 
 def _see_other(location: str) -> web.Response:
