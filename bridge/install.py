@@ -119,9 +119,9 @@ def _capture(config: Config) -> list[str]:
     return out
 
 
-def key_index_name(kind: str, column: str) -> str:
+def key_index_name(column: str) -> str:
     """The name of the console's index on one capture key column (a hash keeps it short)."""
-    return f"event_key_{kind}_{hashlib.sha256(column.encode()).hexdigest()[:10]}_idx"
+    return f"event_key_{hashlib.sha256(column.encode()).hexdigest()[:10]}_idx"
 
 
 def _console_indexes(config: Config) -> list[str]:
@@ -129,13 +129,11 @@ def _console_indexes(config: Config) -> list[str]:
     blocks = sql.blocks("console.sql")
     schema = sql.quote_ident(config.database.schema_name)
     out = [sql.render(blocks["open_index"], schema=schema)]
-    for kind, table in (("license", config.capture.licenses),
-                        ("customer", config.capture.customers)):
-        for column in table.key:
-            out.append(sql.render(blocks["key_index"], schema=schema,
-                                  name=sql.quote_ident(key_index_name(kind, column)),
-                                  column=sql.quote_literal(column),
-                                  kind=sql.quote_literal(kind)))
+    columns = dict.fromkeys((*config.capture.licenses.key, *config.capture.customers.key))
+    for column in columns:
+        out.append(sql.render(blocks["key_index"], schema=schema,
+                              name=sql.quote_ident(key_index_name(column)),
+                              column=sql.quote_literal(column)))
     return out
 
 

@@ -451,7 +451,47 @@ def test_list_queries_use_indexes(db: Db) -> None:
             # only the few rows of one key or one event are sorted
             assert "Sort" not in plan or name in ("key", "event id"), f"{name}:\n{plan}"
         assert "delivery_open_idx" in _plan(conn, q["deliveries"], LIST_CASES["failed"])
-        assert "event_key_license_" in _plan(conn, q["deliveries"], LIST_CASES["key"])
+        assert "event_key_" in _plan(conn, q["deliveries"], LIST_CASES["key"])
         for name in ("overview_open", "overview_unfanned"):
             plan = _plan(conn, q[name], (data.COUNT_CAP,))
             assert "Seq Scan on delivery" not in plan and "Seq Scan on event" not in plan, plan
+
+
+# --- the demo --------------------------------------------------------------------------------
+
+
+def test_demo_keep_prints_the_console_url_and_token(empty_db: Db) -> None:
+    """`qlm-bridge demo --keep`: the printed console URL and token show the seven events."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bridge", "demo", "--keep", "--dsn",
+                             empty_db.dsn, "--timeout", "90"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip().startswith("console"):
+                break
+        found = re.search(r"console\s+(http://127\.0\.0\.1:\d+/console)\s+\(log in with the "
+                          r"token (\S+)\)", "".join(lines))
+        assert found, "".join(lines)
+        url, token = found.groups()
+        request = urllib.request.Request(url + "/deliveries",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            page = resp.read().decode()
+        assert len(re.findall(r'<tr data-state="delivered">', page)) == 7
+        for event_type in ("customer_created", "license_activated", "customer_deleted"):
+            assert event_type in page
+        assert token not in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + err
