@@ -495,3 +495,50 @@ def test_demo_keep_prints_the_console_url_and_token(empty_db: Db) -> None:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + err
+
+
+# --- several sites -------------------------------------------------------------------------
+
+
+def test_site_selector_only_with_several_sites(db: Db) -> None:
+    """The console is handed sources: with two, a selector and ?site= on every link."""
+    import asyncpg
+
+    from bridge.console import Console, source_from_config
+    from bridge.observe import Metrics, serve
+
+    async def ready() -> tuple[bool, str]:
+        return True, "ok"
+
+    async def page(port: int, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{port}{path}", allow_redirects=False,
+                headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            return resp.status, await resp.text()
+
+    async def scenario() -> None:
+        db.execute("INSERT INTO license_keys (activation_key) VALUES ('SITE-KEY')")
+        pool = await asyncpg.create_pool(db.dsn, min_size=0, max_size=2)
+        cfg = db.config(webhooks={"events": {"license_created": "https://eu.example/hook"}})
+        sources = [source_from_config(name, pool, cfg) for name in ("default", "eu")]
+        runners = []
+        try:
+            ports = [_free_port(), _free_port()]
+            for port, chosen in zip(ports, (sources[:1], sources), strict=True):
+                runners.append(await serve("127.0.0.1", port, Metrics(), ready,
+                                           console=Console(chosen, TOKEN)))
+            status_one, one = await page(ports[0], "/console")
+            assert status_one == 200 and 'name="site"' not in one and "site=" not in one
+            status_two, two = await page(ports[1], "/console?site=eu")
+            assert status_two == 200 and 'name="site"' in two
+            assert '<option value="eu" selected>eu</option>' in two
+            assert "/console/deliveries?site=eu" in two
+            assert "https://eu.example/hook" in two
+            missing, text = await page(ports[1], "/console?site=<nope>")
+            assert missing == 404 and "<nope>" not in text
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            await pool.close()
+
+    asyncio.run(scenario())

@@ -134,10 +134,6 @@ class Filters:
         return not self.params()
 
 
-class FilterError(ValueError):
-    """A query parameter the list cannot use (shown above the list, never raised further)."""
-
-
 def parse_filters(query: Mapping[str, str]) -> tuple[Filters, list[str]]:
     """Filters from query parameters; unusable ones are dropped and explained."""
     problems: list[str] = []

@@ -24,6 +24,7 @@ from bridge import ops, payload
 from bridge.console import data
 from bridge.console.auth import COOKIE, SESSION_SECONDS, Auth, Throttle
 from bridge.console.data import ConsoleSource, Filters
+from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
 
 log = logging.getLogger("bridge.console")
@@ -166,7 +167,7 @@ class Console:
         try:
             return self.sources[name]
         except KeyError:
-            raise web.HTTPNotFound(text=f"no site named {name!r}") from None
+            raise web.HTTPNotFound(text="no such site (see the site selector)") from None
 
     def _render(self, request: web.Request, template: str, status: int = 200,
                 **context: Any) -> web.Response:
@@ -235,19 +236,18 @@ class Console:
         selection, problem = await _selection(source, form)
         if selection is None:
             return _plain(400, problem)
-        result = await source.replay(selection)
+        try:
+            result = await source.replay(selection)
+        except BridgeError as exc:
+            log.warning("console: replay failed: %s", exc)
+            return _plain(503, f"replay failed: {exc}")
         log.info("console: replay re-queued %d and created %d deliver%s", result.requeued,
                  result.created, "y" if result.queued == 1 else "ies")
         if "application/json" in request.headers.get("Accept", ""):
             return web.json_response({"requeued": result.requeued, "created": result.created,
                                       "unknown_event_ids": [str(u) for u in
                                                             result.unknown_event_ids]})
-        back = str(form.get("return_to", ""))
-        if not back.startswith(PREFIX + "/deliveries"):
-            back = PREFIX + "/deliveries?" + urlencode(
-                {k: v for k, v in (("event_id", str(selection.event_ids[0])
-                                    if len(selection.event_ids) == 1 else ""),
-                                   ("site", request.query.get("site", ""))) if v})
+        back = _back_to(str(form.get("return_to", "")), selection, request.query.get("site"))
         return _see_other(_with_param(back, "replayed", str(result.queued)))
 
     async def login_form(self, request: web.Request) -> web.StreamResponse:
@@ -312,6 +312,15 @@ def _safe_next(text: str | None) -> str:
                  text.startswith(PREFIX + "?")) and "//" not in text and "\\" not in text:
         return text
     return PREFIX
+
+
+def _back_to(return_to: str, selection: ops.ReplayFilter, site: str | None) -> str:
+    """Where a replay redirects: the list the form came from, else the replayed event's rows."""
+    if return_to.startswith(PREFIX + "/deliveries"):
+        return return_to
+    query = {"event_id": str(selection.event_ids[0]) if len(selection.event_ids) == 1 else "",
+             "site": site or ""}
+    return PREFIX + "/deliveries?" + urlencode({k: v for k, v in query.items() if v})
 
 
 def _with_param(path: str, name: str, value: str) -> str:
