@@ -97,14 +97,24 @@ SELECT r.url, r.event_type, count(*) AS delivered, (SELECT count(*) FROM recent)
  GROUP BY r.url, r.event_type;
 
 -- name: overview_unfanned
--- Events not fanned out yet and the oldest one's capture time (event_pending_idx: tiny).
-SELECT count(*) AS unfanned, min(created_at) AS oldest
+-- Events not fanned out yet and the oldest one's capture time (event_pending_idx: tiny), and
+-- the database's clock (relative times are computed against it).
+SELECT count(*) AS unfanned, min(created_at) AS oldest, now() AS now
   FROM (SELECT created_at FROM __SCHEMA__.event WHERE NOT fanned_out LIMIT $1::int) AS u;
 
 -- name: daemons
-SELECT id, hostname, pid, started_at, heartbeat_at, config_hash, now() AS now
+-- gone_at: set by a live daemon when this one missed three heartbeats.
+SELECT id, hostname, pid, started_at, heartbeat_at, config_hash, gone_at
   FROM __SCHEMA__.daemon
- ORDER BY heartbeat_at DESC, id;
+ ORDER BY gone_at IS NOT NULL, heartbeat_at DESC, id;
+
+-- name: endpoints
+-- The shared state of endpoints with a rate limit or a circuit breaker (the columns of
+-- ops.sql's status_endpoints, read by bridge.ops.endpoint_row).
+SELECT url, failures, open_until > now() AS open,
+       extract(epoch FROM open_until - now())::float8 AS open_for, tokens
+  FROM __SCHEMA__.endpoint
+ ORDER BY url;
 
 -- name: event
 -- One event with the payload fields renamed as the claim query (queries.sql) renames them:

@@ -466,6 +466,7 @@ def test_demo_keep_prints_the_console_url_and_token(empty_db: Db) -> None:
     import signal
     import subprocess
     import sys
+    import time
     import urllib.request
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -485,9 +486,14 @@ def test_demo_keep_prints_the_console_url_and_token(empty_db: Db) -> None:
         url, token = found.groups()
         request = urllib.request.Request(url + "/deliveries",
                                          headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            page = resp.read().decode()
-        assert len(re.findall(r'<tr data-state="delivered">', page)) == 7
+        for _ in range(100):  # the last ack may still be on its way
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                page = resp.read().decode()
+            if len(re.findall(r'<tr data-state="delivered">', page)) == 7:
+                break
+            time.sleep(0.1)
+        assert len(re.findall(r'<tr data-state="delivered">', page)) == 7, page
+        assert len(re.findall(r"<tr data-state=", page)) == 7
         for event_type in ("customer_created", "license_activated", "customer_deleted"):
             assert event_type in page
         assert token not in page
@@ -504,11 +510,11 @@ def test_site_selector_only_with_several_sites(db: Db) -> None:
     """The console is handed sources: with two, a selector and ?site= on every link."""
     import asyncpg
 
-    from bridge.console import Console, source_from_config
+    from bridge.console import Console, ConsoleSource
     from bridge.observe import Metrics, serve
 
-    async def ready() -> tuple[bool, str]:
-        return True, "ok"
+    async def ready(_: str | None = None) -> tuple[bool, str, dict[str, tuple[bool, str]]]:
+        return True, "ok", {}
 
     async def page(port: int, path: str) -> tuple[int, str]:
         async with aiohttp.ClientSession() as http, http.get(
@@ -520,13 +526,15 @@ def test_site_selector_only_with_several_sites(db: Db) -> None:
         db.execute("INSERT INTO license_keys (activation_key) VALUES ('SITE-KEY')")
         pool = await asyncpg.create_pool(db.dsn, min_size=0, max_size=2)
         cfg = db.config(webhooks={"events": {"license_created": "https://eu.example/hook"}})
-        sources = [source_from_config(name, pool, cfg) for name in ("default", "eu")]
+        sources = [ConsoleSource("default", pool, cfg),
+                   ConsoleSource("eu", pool, cfg),
+                   ConsoleSource("us", None, cfg, "password authentication failed")]
         runners = []
         try:
             ports = [_free_port(), _free_port()]
             for port, chosen in zip(ports, (sources[:1], sources), strict=True):
                 runners.append(await serve("127.0.0.1", port, Metrics(), ready,
-                                           console=Console(chosen, TOKEN)))
+                                           console=Console(lambda c=chosen: c, TOKEN)))
             status_one, one = await page(ports[0], "/console")
             assert status_one == 200 and 'name="site"' not in one and "site=" not in one
             status_two, two = await page(ports[1], "/console?site=eu")
@@ -536,6 +544,9 @@ def test_site_selector_only_with_several_sites(db: Db) -> None:
             assert "https://eu.example/hook" in two
             missing, text = await page(ports[1], "/console?site=<nope>")
             assert missing == 404 and "<nope>" not in text
+            # a site that is not connected says why, and nothing else
+            down, text = await page(ports[1], "/console/deliveries?site=us")
+            assert down == 503 and "password authentication failed" in text
         finally:
             for runner in runners:
                 await runner.cleanup()

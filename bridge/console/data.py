@@ -1,8 +1,9 @@
-"""What the console reads and does, per site: the `ConsoleSource` interface and its queries.
+"""What the console reads and does, per site: the `ConsoleSource` value and its queries.
 
 The console is handed sources; it never reaches into the daemon. A source is one license
-database ("site"): its asyncpg pool, bridge schema, webhook settings, capture key columns and a
-replay function (`qlm-bridge replay`'s own code, run in a thread). The SQL is in
+database ("site") as it is right now: its name, its asyncpg pool (None while the site is not
+connected) and its config (bridge schema, webhooks, capture key columns). Replay is
+`qlm-bridge replay`'s own code (`bridge.ops.replay`), run in a thread. The SQL is in
 `sql/console.sql`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,11 +20,11 @@ from typing import Any
 import asyncpg
 
 from bridge import ops, sql
-from bridge.config import Config, WebhooksConfig, redact_url
+from bridge.config import Config, redact_url
+from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
 
 KeyColumns = tuple[tuple[str, tuple[str, ...]], ...]  # (kind, key columns) per captured table
-Replayer = Callable[[ops.ReplayFilter], Awaitable[ops.ReplayResult]]
 
 PAGE_SIZE = 50
 COUNT_CAP = 100_000  # rows the overview counts at most, per query
@@ -32,39 +33,32 @@ STATES = ("pending", "failed", "delivered", "skipped")
 
 
 @dataclass(frozen=True)
-class EndpointState:
-    """One endpoint's breaker and rate limit. ENDPOINT STATE: nothing produces these yet; the
-    per-endpoint policies change fills `ConsoleSource.endpoints` and the overview shows them."""
-
-    url: str
-    breaker: str  # "closed", "open" or "half-open"
-    detail: str = ""  # e.g. "10/s, 3 waiting", "open until 12:04:05"
-
-
-EndpointsReader = Callable[[], Awaitable[Sequence[EndpointState]]]
-
-
-@dataclass(frozen=True)
 class ConsoleSource:
     """One site the console shows: everything it needs, nothing of the daemon's internals."""
 
     name: str
-    pool: asyncpg.Pool
-    schema: str
-    webhooks: WebhooksConfig
-    key_columns: KeyColumns
-    replay: Replayer
-    endpoints: EndpointsReader | None = None  # ENDPOINT STATE (per-endpoint policies)
+    pool: asyncpg.Pool | None  # None while the site is not connected
+    config: Config  # the site's config now (schema, webhooks, capture keys)
+    problem: str | None = None  # why the site is not connected, when known
+
+    @property
+    def schema(self) -> str:
+        return self.config.database.schema_name
+
+    @property
+    def key_columns(self) -> KeyColumns:
+        capture = self.config.capture
+        return (("license", capture.licenses.key), ("customer", capture.customers.key))
 
 
-def source_from_config(name: str, pool: asyncpg.Pool, config: Config) -> ConsoleSource:
-    """A source for one configured database; replay runs `bridge.ops.replay` in a thread."""
+class SiteUnavailable(BridgeError):
+    """The site's database cannot be read right now (the page says so, with a 503)."""
 
-    async def replay(selection: ops.ReplayFilter) -> ops.ReplayResult:
-        return await asyncio.to_thread(ops.replay, config.database.dsn, config, selection)
 
-    keys = (("license", config.capture.licenses.key), ("customer", config.capture.customers.key))
-    return ConsoleSource(name, pool, config.database.schema_name, config.webhooks, keys, replay)
+async def replay(source: ConsoleSource, selection: ops.ReplayFilter) -> ops.ReplayResult:
+    """`qlm-bridge replay`, for this site (its own short psycopg connection, in a thread)."""
+    return await asyncio.to_thread(ops.replay, source.config.database.dsn, source.config,
+                                   selection)
 
 
 # --- rendered SQL ------------------------------------------------------------------------------
@@ -92,7 +86,7 @@ def queries(schema: str, keys: KeyColumns) -> dict[str, str]:
     blocks = sql.blocks("console.sql")
     out = {name: sql.render(blocks[name], **values)
            for name in ("overview_open", "overview_delivered", "overview_unfanned", "daemons",
-                        "event", "event_deliveries", "event_attempts", "session")}
+                        "endpoints", "event", "event_deliveries", "event_attempts", "session")}
     out["deliveries"] = sql.render(blocks["deliveries"], key_match=_key_match(keys, "$4"),
                                    order="DESC", **values)
     out["deliveries_newer"] = sql.render(blocks["deliveries"], key_match=_key_match(keys, "$4"),
@@ -104,10 +98,18 @@ def queries(schema: str, keys: KeyColumns) -> dict[str, str]:
 
 async def _fetch(source: ConsoleSource, name: str, *args: Any) -> list[asyncpg.Record]:
     """One read-only statement with custom plans (optional filters fold away) and a timeout."""
+    if source.pool is None:
+        raise SiteUnavailable(f"site {source.name!r} is not connected"
+                              + (f": {source.problem}" if source.problem else " yet"))
     q = queries(source.schema, source.key_columns)
-    async with source.pool.acquire() as conn, conn.transaction(readonly=True):
-        await conn.execute(q["session"])
-        return list(await conn.fetch(q[name], *args))
+    try:
+        async with source.pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute(q["session"])
+            return list(await conn.fetch(q[name], *args))
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise SiteUnavailable(f"site {source.name!r}: the database answered "
+                              f"{type(exc).__name__}: {first}") from None
 
 
 # --- the list ----------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ class DaemonInfo:
     heartbeat_at: datetime
     config_hash: str | None
     stale: bool
+    gone_at: datetime | None = None  # marked gone by a live daemon (missed heartbeats)
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ class Overview:
     unfanned: int
     oldest_unfanned: datetime | None
     daemons: tuple[DaemonInfo, ...]
-    endpoints: tuple[EndpointState, ...] | None  # None: no endpoint data exists
+    endpoints: tuple[ops.EndpointRow, ...]  # endpoints with a rate limit or a breaker
     subscriptions: tuple[tuple[str, str], ...] = field(default=())
 
     def totals(self) -> Counts:
@@ -272,11 +275,12 @@ class Overview:
                       min(oldest) if oldest else None)
 
 
-async def overview(source: ConsoleSource, stale_after: float = 15.0) -> Overview:
+async def overview(source: ConsoleSource) -> Overview:
     opened = await _fetch(source, "overview_open", COUNT_CAP)
     delivered = await _fetch(source, "overview_delivered", COUNT_CAP)
     unfanned = (await _fetch(source, "overview_unfanned", COUNT_CAP))[0]
     daemon_rows = await _fetch(source, "daemons")
+    endpoint_rows = await _fetch(source, "endpoints")
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for r in opened:
         groups[(r["url"], r["event_type"])] = {
@@ -284,20 +288,22 @@ async def overview(source: ConsoleSource, stale_after: float = 15.0) -> Overview
                               "oldest_pending")}
     for r in delivered:
         groups.setdefault((r["url"], r["event_type"]), {})["delivered_hour"] = r["delivered"]
-    for event_type, url in source.webhooks.subscriptions():  # configured, even if idle
+    subscriptions = tuple(source.config.webhooks.subscriptions())
+    for event_type, url in subscriptions:  # configured, even if idle
         groups.setdefault((url, event_type), {})
     counts = tuple(Counts(redact_url(url), event_type, **values)
                    for (url, event_type), values in sorted(groups.items()))
     capped = any(r["scanned"] >= COUNT_CAP for r in (*opened[:1], *delivered[:1]))
-    now = daemon_rows[0]["now"] if daemon_rows else None
+    now = unfanned["now"]
+    stale_after = max(3 * source.config.daemon.heartbeat_interval, 15.0)
     daemons = tuple(
         DaemonInfo(r["id"], r["hostname"], r["pid"], r["started_at"], r["heartbeat_at"],
-                   r["config_hash"], (r["now"] - r["heartbeat_at"]).total_seconds() > stale_after)
+                   r["config_hash"], (now - r["heartbeat_at"]).total_seconds() > stale_after,
+                   r["gone_at"])
         for r in daemon_rows)
-    endpoints = tuple(await source.endpoints()) if source.endpoints is not None else None
-    return Overview(now or datetime.now().astimezone(), counts, capped,
-                    int(unfanned["unfanned"]), unfanned["oldest"], daemons, endpoints,
-                    tuple(source.webhooks.subscriptions()))
+    endpoints = tuple(ops.endpoint_row(source.config, r) for r in endpoint_rows)
+    return Overview(now, counts, capped, int(unfanned["unfanned"]), unfanned["oldest"], daemons,
+                    endpoints, subscriptions)
 
 
 # --- one event ---------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ import jinja2
 from aiohttp import web
 
 from bridge import ops, payload
+from bridge.config import redact_url
 from bridge.console import data
 from bridge.console.auth import COOKIE, SESSION_SECONDS, Auth, Throttle
 from bridge.console.data import ConsoleSource, Filters
+from bridge.engine.policy import policy_for
 from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
 
@@ -99,11 +101,9 @@ def _environment() -> jinja2.Environment:
 class Console:
     """The /console routes for one or more sites (a selector appears with more than one)."""
 
-    def __init__(self, sources: Sequence[ConsoleSource], token: str, read_only: bool = False,
-                 failure_delay: float | None = None) -> None:
-        if not sources:
-            raise ValueError("the console needs at least one source")
-        self.sources = {s.name: s for s in sources}
+    def __init__(self, sources: Callable[[], Sequence[ConsoleSource]], token: str,
+                 read_only: bool = False, failure_delay: float | None = None) -> None:
+        self.sources = sources  # the sites as they are now: asked again on every request
         self.auth = Auth(token) if failure_delay is None else Auth(token, failure_delay)
         self.read_only = read_only
         self.throttle = Throttle(self.auth.failure_delay)
@@ -130,6 +130,9 @@ class Console:
             return await handler(request)
         try:
             response = await self._authenticated(request, handler)
+        except data.SiteUnavailable as exc:
+            response = self._render(request, "error.html", 503, title="Site unavailable",
+                                    message=str(exc))
         except web.HTTPException as exc:
             response = web.Response(status=exc.status, headers=exc.headers,
                                     text=exc.text if exc.status >= 400 else None)
@@ -161,21 +164,21 @@ class Console:
     # --- rendering ---------------------------------------------------------------------------
 
     def _source(self, request: web.Request) -> ConsoleSource:
+        sources = self.sources()
         name = request.query.get("site")
-        if name is None:
-            return next(iter(self.sources.values()))
-        try:
-            return self.sources[name]
-        except KeyError:
-            raise web.HTTPNotFound(text="no such site (see the site selector)") from None
+        chosen = next((s for s in sources if s.name == name), None) if name else (
+            sources[0] if sources else None)
+        if chosen is None:
+            raise web.HTTPNotFound(text="no such site (see the site selector)")
+        return chosen
 
     def _render(self, request: web.Request, template: str, status: int = 200,
-                **context: Any) -> web.Response:
-        source = context.pop("source", None)
+                source: ConsoleSource | None = None, **context: Any) -> web.Response:
+        names = [s.name for s in self.sources()]
         session = _session(request)
-        site = source.name if source is not None and len(self.sources) > 1 else None
+        site = source.name if source is not None and len(names) > 1 else None
         page = self.env.get_template(template).render(
-            sites=list(self.sources) if len(self.sources) > 1 else [], site=site,
+            sites=names if len(names) > 1 else [], site=site,
             csrf=self.auth.csrf_token(session) if session else "",
             logged_in=session is not None, read_only=self.read_only,
             link=_linker(site), **context)
@@ -195,7 +198,7 @@ class Console:
         before, after = _int(request.query.get("before")), _int(request.query.get("after"))
         page = await data.deliveries(source, filters, before, after)
         now = page.rows[0].now if page.rows else datetime.now(UTC)
-        urls = sorted({u for _, u in source.webhooks.subscriptions()})
+        urls = sorted({u for _, u in source.config.webhooks.subscriptions()})
         return self._render(
             request, "deliveries.html", source=source, page=page, filters=filters,
             problems=problems, now=now, states=data.STATES, event_types=ALL_EVENTS,
@@ -207,21 +210,23 @@ class Console:
         try:
             event_id = uuid.UUID(request.match_info["event_id"])
         except ValueError:
-            return self._render(request, "error.html", 404, source=source, title="Not found",
+            return self._render(request, "error.html", 404, source, title="Not found",
                                 message="That is not an event id (a UUID).")
         found = await data.event(source, event_id)
         if found is None:
-            return self._render(request, "error.html", 404, source=source, title="Not found",
+            return self._render(request, "error.html", 404, source, title="Not found",
                                 message=f"No event {event_id} in this database (pruned?).")
         sent = payload.Event(str(found.event.event_id), found.event.event_type,
                              found.event.created_at, found.event.info or "{}",
                              found.event.previous)
         raw = payload.body(sent)
+        headers, extra = _shown_headers(sent, raw, source,
+                                        [d.url for d in found.deliveries])
         return self._render(
             request, "event.html", source=source, page=found, now=found.event.now,
             raw=raw.decode("utf-8"), pretty=json.dumps(json.loads(raw), indent=2,
                                                        ensure_ascii=False),
-            headers=_shown_headers(sent, raw, source), active="deliveries")
+            headers=headers, extra_headers=extra, active="deliveries")
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -237,7 +242,7 @@ class Console:
         if selection is None:
             return _plain(400, problem)
         try:
-            result = await source.replay(selection)
+            result = await data.replay(source, selection)
         except BridgeError as exc:
             log.warning("console: replay failed: %s", exc)
             return _plain(503, f"replay failed: {exc}")
@@ -341,19 +346,23 @@ def _linker(site: str | None) -> Callable[..., str]:
     return link
 
 
-def _shown_headers(event: payload.Event, raw: bytes,
-                   source: ConsoleSource) -> list[tuple[str, str]]:
-    """The request headers as sent, with the signatures described, never computed here."""
-    wh = source.webhooks
+def _shown_headers(event: payload.Event, raw: bytes, source: ConsoleSource,
+                   urls: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The request headers as sent, with the signatures described (never computed here), and
+    per URL the names of the headers webhooks.endpoints adds (values not shown: they are often
+    credentials)."""
+    wh = source.config.webhooks
+    policies = [policy_for(wh, url) for url in urls]
     shown = list(payload.headers(event, raw, None).items())
-    if wh.secret_key:
-        shown.append(("X-QLM-Signature", "(SHA-256 of the body and webhooks.secret_key; "
-                                         "not shown)"))
+    if wh.secret_key or any(p.secret_key for p in policies):
+        shown.append(("X-QLM-Signature", "(SHA-256 of the body and the secret key; not shown)"))
         if wh.standard_webhooks:
             shown += [("webhook-id", event.event_id),
                       ("webhook-timestamp", "(the time of each attempt)"),
                       ("webhook-signature", "(v1,<HMAC-SHA256>; not shown)")]
-    return shown
+    extra = [(redact_url(url), ", ".join(name for name, _ in p.headers))
+             for url, p in zip(urls, policies, strict=True) if p.headers]
+    return shown, extra
 
 
 async def _selection(source: ConsoleSource,
