@@ -23,6 +23,7 @@ from conftest import Db
 from receiver import Receiver, ok, status
 from test_delivery import running, wait_until
 from test_observe import _free_port
+from test_sites import db2, sites_config  # noqa: F401 (db2: a fixture)
 
 from bridge import sql
 from bridge.console import data
@@ -67,14 +68,19 @@ class Site:
 
 
 @contextlib.asynccontextmanager
-async def console(db: Db, **observe: Any) -> AsyncIterator[Site]:
-    """A daemon serving the console; license_created goes to /hook (answers 500 at first)."""
+async def console(db: Db, endpoints: dict[str, Any] | None = None,
+                  **observe: Any) -> AsyncIterator[Site]:
+    """A daemon serving the console; license_created goes to /hook (answers 500 at first).
+    `endpoints`: webhooks.endpoints settings for /hook."""
     rx = await Receiver({"/hook": status(500)}).start()
     port = _free_port()
-    cfg = db.config(
-        webhooks={"events": {"license_created": rx.url("/hook"),
-                             "customer_created": rx.url("/crm")}, "max_retries": 0},
-        observe={"listen": f"127.0.0.1:{port}", "console_token": TOKEN, **observe})
+    webhooks: dict[str, Any] = {"events": {"license_created": rx.url("/hook"),
+                                           "customer_created": rx.url("/crm")},
+                                "max_retries": 0}
+    if endpoints is not None:
+        webhooks["endpoints"] = {rx.url("/hook"): endpoints}
+    cfg = db.config(webhooks=webhooks,
+                    observe={"listen": f"127.0.0.1:{port}", "console_token": TOKEN, **observe})
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
     try:
         async with running(cfg), aiohttp.ClientSession(cookie_jar=jar) as http:
@@ -390,6 +396,26 @@ def test_overview_counts_and_daemons(db: Db) -> None:
     asyncio.run(scenario())
 
 
+def test_overview_shows_endpoint_breaker_and_rate_limit(db: Db) -> None:
+    async def scenario() -> None:
+        endpoint = {"rate_limit": 50, "circuit_breaker": {"failures": 1, "cooldown": 600},
+                    "headers": {"Authorization": "Bearer receiver-credential"}}
+        async with console(db, endpoints=endpoint) as site:
+            event_id = await failed_license(site)
+            await wait_until(lambda: db.scalar(
+                "SELECT open_until > now() FROM qlm_bridge.endpoint") is True, what="open")
+            resp, text = await site.get("/console", headers=site.bearer())
+            assert resp.status == 200 and "Endpoints with limits" in text
+            row = next(r for r in re.findall(r"<tr>(.*?)</tr>", text, re.S)
+                       if "pill bad" in r and site.rx.url("/hook") in r)
+            assert "open (" in row and "50/s" in row
+            # the endpoint's own header is named on the event page, its value never shown
+            resp, text = await site.get(f"/console/events/{event_id}", headers=site.bearer())
+            assert "Authorization" in text and "receiver-credential" not in text
+            assert site.rx.on("/hook")[0].headers["Authorization"].endswith("credential")
+    asyncio.run(scenario())
+
+
 # --- plans: every list query uses an index --------------------------------------------------
 
 
@@ -551,5 +577,42 @@ def test_site_selector_only_with_several_sites(db: Db) -> None:
             for runner in runners:
                 await runner.cleanup()
             await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_console_over_a_daemon_with_two_sites(db: Db, db2: Db) -> None:  # noqa: F811
+    """`sites:` in the config: one console, a selector, each site's own rows and URLs."""
+    from bridge import config as config_mod
+
+    async def scenario() -> None:
+        rx = await Receiver().start()
+        port = _free_port()
+        sites = config_mod.parse_sites(sites_config(
+            db, db2, rx, observe={"listen": f"127.0.0.1:{port}", "console_token": TOKEN}),
+            "<sites>", env={})
+        try:
+            async with running(sites), aiohttp.ClientSession() as http:
+                site = Site(f"http://127.0.0.1:{port}", db, rx, http)
+                db.execute("INSERT INTO license_keys (activation_key) VALUES ('EU-1')")
+                db2.execute("INSERT INTO license_keys (activation_key) VALUES ('US-1')")
+                await rx.wait_for(lambda: len(rx.received) == 2)
+                pages = {}
+                for name in ("eu", "us"):
+                    resp, pages[name] = await site.get(f"/console/deliveries?site={name}",
+                                                       headers=site.bearer())
+                    assert resp.status == 200
+                    assert '<option value="eu"' in pages[name]
+                    assert f'<option value="{name}" selected>' in pages[name]
+                    assert "/console/events/" in pages[name]
+                assert "EU-1" in pages["eu"] and "US-1" not in pages["eu"]
+                assert "US-1" in pages["us"] and "EU-1" not in pages["us"]
+                assert rx.url("/us") in pages["us"] and rx.url("/us") not in pages["eu"]
+                for text in pages.values():
+                    assert "eu-secret" not in text and "us-secret" not in text
+                resp, text = await site.get("/console?site=us", headers=site.bearer())
+                assert resp.status == 200 and rx.url("/us") in text and "site=us" in text
+        finally:
+            await rx.stop()
 
     asyncio.run(scenario())
