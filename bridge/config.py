@@ -347,7 +347,7 @@ class DaemonConfig(_Model):
     batch_size: int = Field(default=200, ge=1, le=10000)
     poll_interval: float = Field(default=2.0, gt=0, le=3600)
     lease: float = Field(default=60.0, gt=0)
-    heartbeat_interval: float = Field(default=5.0, gt=0)
+    heartbeat_interval: float = Field(default=1.0, gt=0)
     shutdown_timeout: float = Field(default=10.0, ge=0)
     reconnect_max_delay: float = Field(default=10.0, gt=0)
 

@@ -22,8 +22,11 @@ WITH ev AS (
      LIMIT $1
        FOR UPDATE SKIP LOCKED
 ), marked AS (
+    -- No need to wait for the WAL flush at commit: if the server crashes before it, the
+    -- events are fanned out again (a request already sent is at most a duplicate, and any
+    -- acknowledgement that depends on these rows is itself durable, which flushes them too).
     UPDATE __SCHEMA__.event e SET fanned_out = true FROM ev WHERE e.id = ev.id
-    RETURNING e.id
+    RETURNING e.id, set_config('synchronous_commit', 'off', true)
 ), fan AS (
     SELECT ev.id AS event_id, s.url, ev.kind, ev.row_data,
            s.url = ANY ($9::text[]) AS ordered,
@@ -119,7 +122,8 @@ WITH want AS (
            updated_at = now()
       FROM due
      WHERE d.id = due.id
-    RETURNING d.id, d.url, d.attempts, d.event_id
+    -- a claim lost in a crash is only claimed again (see produce)
+    RETURNING d.id, d.url, d.attempts, d.event_id, set_config('synchronous_commit', 'off', true)
 )
 __CLAIMED_ROWS__;
 

@@ -123,7 +123,7 @@ class Producer:
         if shared:
             admitted = await self.store.admit(
                 shared, [pol(u).rate_limit for u in shared], [pol(u).burst for u in shared],
-                pol(next(iter(shared))).timeout + 5)
+                max(pol(u).timeout for u in shared) + 5)  # a probe's answer is due by then
             now = self.clock.monotonic()
             for url, adm in admitted.items():
                 wanted[url] = adm.granted
