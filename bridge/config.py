@@ -225,8 +225,8 @@ class WebhooksConfig(_Model):
     max_retry_interval: float = Field(default=3600.0, gt=0)
     timeout: float = Field(default=10.0, gt=0, le=600)
     max_concurrency: int = Field(default=64, ge=1, le=10000)
-    per_url_concurrency: int = Field(default=8, ge=1, le=1000)
-    prefetch: int = Field(default=32, ge=0, le=10000)
+    per_url_concurrency: int = Field(default=16, ge=1, le=1000)
+    prefetch: int = Field(default=256, ge=0, le=10000)
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
@@ -344,7 +344,7 @@ class CaptureConfig(_Model):
 
 
 class DaemonConfig(_Model):
-    batch_size: int = Field(default=200, ge=1, le=10000)
+    batch_size: int = Field(default=500, ge=1, le=10000)
     poll_interval: float = Field(default=2.0, gt=0, le=3600)
     lease: float = Field(default=60.0, gt=0)
     heartbeat_interval: float = Field(default=1.0, gt=0)
