@@ -41,6 +41,7 @@ from bridge.sql import quote_ident
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _IDENT_MAX = 63
+CONSOLE_TOKEN_MIN = 16
 
 
 class _Model(BaseModel):
@@ -245,7 +246,7 @@ class EndpointConfig(_Model):
     rate_limit: float | None = Field(default=None, gt=0, le=100000)  # requests/s, all daemons
     ordering: Literal["none", "per_key"] | None = None
     circuit_breaker: CircuitBreakerConfig | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)  # often credentials
 
     @field_validator("secret_key", mode="before")
     @classmethod
@@ -468,6 +469,20 @@ class ObserveConfig(_Model):
     listen: str | None = None  # "127.0.0.1:9187" serves /metrics, /healthz, /readyz
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The web console (bridge/console/) is served on `listen` while a token is set. A secret:
+    # never logged, rendered or shown in repr().
+    console_token: str | None = Field(default=None, repr=False)
+    console_read_only: bool = False
+
+    @field_validator("console_token")
+    @classmethod
+    def _check_console_token(cls, value: str | None) -> str | None:
+        # The message never contains the value.
+        if value is not None and len(value) < CONSOLE_TOKEN_MIN:
+            raise ValueError(f"is too short ({len(value)} characters); use at least "
+                             f"{CONSOLE_TOKEN_MIN} random characters, e.g. from "
+                             "`openssl rand -hex 24`, passed as ${VAR}")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -483,7 +498,7 @@ class ObserveConfig(_Model):
         if self.listen is None:
             return None
         host, _, port = self.listen.rpartition(":")
-        return (host.strip("[]") or "0.0.0.0", int(port))
+        return (host.strip("[]") or "127.0.0.1", int(port))
 
 
 class Config(_Model):
