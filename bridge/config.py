@@ -292,8 +292,8 @@ class WebhooksConfig(_Model):
     retry_policy: Literal["fixed", "exponential"] = "fixed"
     max_retry_interval: float = Field(default=3600.0, gt=0)
     timeout: float = Field(default=10.0, gt=0, le=600)
-    max_concurrency: int = Field(default=64, ge=1, le=10000)
-    per_url_concurrency: int = Field(default=16, ge=1, le=1000)
+    max_concurrency: int = Field(default=128, ge=1, le=10000)
+    per_url_concurrency: int = Field(default=32, ge=1, le=1000)
     prefetch: int = Field(default=256, ge=0, le=10000)
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None

@@ -256,6 +256,12 @@ class Producer:
     async def idle(self) -> None:
         """Nothing found: settle the NOTIFY gate, then wait for a reason to look again."""
         cfg = self.config()
+        if self.more or self.fan_more:
+            # not idle, only out of room: a freed slot, a wake-up or an endpoint wait ending
+            # brings the next pass; the NOTIFY flag stays as it is
+            await wait_any((self.wake, self.slot_free), self._timeout(cfg))
+            self.slot_free.clear()
+            return
         if self.gate.snapshot is not None:
             if await self.store.snapshot_settled(self.gate.snapshot):
                 self.gate.settled()
@@ -266,17 +272,22 @@ class Producer:
             if self.gate.flag_set(await self.store.current_snapshot()):
                 self.poll_due = True  # a writer may have committed before the flag was set
                 return
-        now = self.clock.monotonic()
-        timeout = jitter(cfg.daemon.poll_interval)
-        for when in (self.retry_at, *self.due.values()):
-            if when is not None:
-                timeout = min(timeout, max(0.0, when - now))
+        timeout = self._timeout(cfg)
         if self.gate.snapshot is not None:
             timeout = min(timeout, 0.01)
         woke = await wait_any((self.wake, self.slot_free), timeout)
         self.slot_free.clear()
         if not woke and timeout >= cfg.daemon.poll_interval * 0.8:
             self.poll_due = True
+
+    def _timeout(self, cfg: Config) -> float:
+        """Until the next poll, retry or endpoint wait, whichever comes first."""
+        now = self.clock.monotonic()
+        timeout = jitter(cfg.daemon.poll_interval)
+        for when in (self.retry_at, *self.due.values()):
+            if when is not None:
+                timeout = min(timeout, max(0.0, when - now))
+        return timeout
 
     def stop(self) -> None:
         self.stopping = True
