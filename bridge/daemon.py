@@ -34,12 +34,13 @@ import asyncpg
 from bridge import config as config_mod
 from bridge import payload
 from bridge.config import Config
+from bridge.connect import create_pool, unreachable
 from bridge.dispatch import Dispatcher, Outcome, close_quietly
 from bridge.errors import BridgeError, ConfigError
 from bridge.listener import Listener, backoff
 from bridge.observe import Metrics, serve, setup_logging
 from bridge.retry import RetryPolicy
-from bridge.store import CONNECTION_ERRORS, Claimed, Result, Store, asyncpg_dsn
+from bridge.store import CONNECTION_ERRORS, Claimed, Result, Store
 
 log = logging.getLogger("bridge.daemon")
 
@@ -131,10 +132,7 @@ class Daemon:
 
     async def _run(self) -> None:
         cfg = self.config
-        self._pool = await asyncpg.create_pool(
-            asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4, reset=_no_reset,
-            timeout=cfg.database.connect_timeout,
-            server_settings={"application_name": "qlm-bridge"})
+        self._pool = await create_pool(cfg.database, max_size=4, reset=_no_reset)
         self._store = Store(self._pool, cfg.database.schema_name, self.id)
         if not await self._check_schema():
             log.info("daemon %s stopped before the database was reachable", self.id)
@@ -148,10 +146,9 @@ class Daemon:
         self._dispatcher = Dispatcher(cfg.webhooks)
         await self._dispatcher.start()
         self._listener = Listener(
-            asyncpg_dsn(cfg.database.dsn), cfg.database.channel, self._wake,
+            cfg.database, self._wake, probe_pool=self._pool,
             keepalive=cfg.daemon.heartbeat_interval,
-            reconnect_max_delay=cfg.daemon.reconnect_max_delay,
-            connect_timeout=cfg.database.connect_timeout)
+            reconnect_max_delay=cfg.daemon.reconnect_max_delay)
         self._listener.start()
         runner = None
         address = cfg.observe.address()
@@ -219,8 +216,8 @@ class Daemon:
             except DB_ERRORS as exc:
                 delay = backoff(failures, base=0.2, cap=self.config.daemon.reconnect_max_delay)
                 failures += 1
-                log.warning("database not reachable (%s); retrying in %.1f s",
-                            _describe(exc), delay)
+                log.warning("%s; retrying in %.1f s", unreachable(self.config.database, exc),
+                            delay)
                 if await self._sleep_unless_stopping(delay):
                     return False
 
@@ -275,9 +272,8 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", exc)
             return
         old = self.config
-        if (new.database.dsn, new.database.schema_name) != (old.database.dsn,
-                                                              old.database.schema_name):
-            log.warning("database.dsn/schema changes need a restart; applying the rest")
+        if new.database != old.database:
+            log.warning("database.* changes need a restart; applying the rest")
             new = new.model_copy(update={"database": old.database})
         clashes = await self._apply_db_config(new)
         if clashes:
@@ -327,6 +323,9 @@ class Daemon:
                     log.error("the bridge schema %r is gone (uninstalled with --drop-data?): "
                               "reinstall it or stop this daemon; retrying in %.2f s",
                               self.config.database.schema_name, delay)
+                elif isinstance(exc, CONNECTION_ERRORS):
+                    log.warning("%s; retrying in %.2f s", unreachable(self.config.database, exc),
+                                delay)
                 elif isinstance(exc, DB_ERRORS):
                     log.warning("database error (%s); retrying in %.2f s", _describe(exc), delay)
                 else:
@@ -642,7 +641,7 @@ class Daemon:
                 await self._store.heartbeat(hostname, pid,
                                             self.config.subscriptions_fingerprint())
             except Exception as exc:
-                log.debug("heartbeat failed: %s", _describe(exc))
+                log.warning("heartbeat failed: %s", _describe(exc))
             if time.monotonic() - last_urls >= URL_REFRESH:
                 last_urls = time.monotonic()
                 await self._refresh_urls()
@@ -667,19 +666,21 @@ class Daemon:
 
     async def _readiness(self) -> tuple[bool, str]:
         assert self._store is not None
-        listening = self._listener is not None and self._listener.connected
         try:
             await asyncio.wait_for(self._store.pool.fetchval("SELECT 1"), 2)
         except DB_ERRORS as exc:  # TimeoutError included
             return False, f"database unreachable: {_describe(exc)}"
-        if not listening:
+        if self._listener is None:
             return False, "LISTEN connection down"
-        return True, "database reachable, LISTEN active"
+        listening, detail = self._listener.notifications_ok
+        return listening, f"database reachable, {detail}" if listening else detail
 
     async def _refresh_gauges(self) -> None:
         assert self._store is not None
         self.metrics.listener_connected.set(
             1 if self._listener is not None and self._listener.connected else 0)
+        self.metrics.notifications_arrive.set(
+            1 if self._listener is not None and self._listener.notifications_ok[0] else 0)
         row = await asyncio.wait_for(self._store.pool.fetchrow(self._store.q["queue_stats"]), 2)
         if row is not None:
             self.metrics.queue_depth.set(row["pending"])
@@ -711,7 +712,7 @@ class Daemon:
             task.cancel()
         try:
             await asyncio.wait_for(self._leave(unfinished), SHUTDOWN_DB_TIMEOUT)
-        except DB_ERRORS as exc:  # TimeoutError included
+        except Exception as exc:  # TimeoutError included
             log.warning("could not sign off cleanly (%s); leases expire by themselves",
                         _describe(exc))
         if self._listener is not None:

@@ -53,6 +53,11 @@ class Metrics:
                                     "Age of the oldest pending delivery", registry=r)
         self.listener_connected = Gauge("qlm_bridge_listener_connected",
                                         "1 while the LISTEN connection is up", registry=r)
+        self.notifications_arrive = Gauge(
+            "qlm_bridge_notifications_arrive",
+            "1 while a probe NOTIFY sent through the query pool comes back on the LISTEN "
+            "connection; 0 means delivery relies on polling (see database.listen_dsn)",
+            registry=r)
         self.db_errors = Counter("qlm_bridge_database_errors_total",
                                  "Database errors the daemon recovered from", registry=r)
 

@@ -23,8 +23,9 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from bridge import install, sql
+from bridge import sql
 from bridge.config import Config, check_url, redact_url
+from bridge.connect import describe_error, psycopg_connect
 from bridge.errors import BridgeError, ConfigError
 from bridge.events import ALL_EVENTS, kind_of
 from bridge.payload import Event, body, headers
@@ -51,9 +52,8 @@ def _connection(conn_or_dsn: Conn | str, config: Config) -> Iterator[Conn]:
     if not isinstance(conn_or_dsn, str):
         yield conn_or_dsn
         return
-    conn = install.connect(conn_or_dsn, config.database.connect_timeout)
+    conn = psycopg_connect(config.database, dsn=conn_or_dsn, autocommit=True)
     try:
-        conn.autocommit = True
         yield conn
     finally:
         conn.close()
@@ -74,8 +74,7 @@ def _session(conn_or_dsn: Conn | str, config: Config) -> Iterator[tuple[Conn, di
                                   "database; run `qlm-bridge install` first")
             yield conn, q
     except psycopg.Error as exc:
-        text = str(exc).strip()
-        raise BridgeError(f"database error: {text.splitlines()[0] if text else exc!r}") from None
+        raise BridgeError(f"database error: {describe_error(exc, config.database)}") from None
 
 
 # --- durations and times ---------------------------------------------------------------------

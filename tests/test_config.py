@@ -335,7 +335,19 @@ def test_lease_must_exceed_timeout(tmp_path: Path) -> None:
 def test_describe_dsn_never_shows_the_password() -> None:
     where = config.describe_dsn("postgresql://bob:hunter2@db.example:6543/lic")
     assert where == "db.example:6543 database 'lic' as 'bob'"
-    assert config.describe_dsn("host=a,b port=1,2 dbname=x") == "a:1, b:2 database 'x'"
+    assert config.describe_dsn("host=a,b port=1,2 dbname=x user=u") == \
+        "a:1, b:2 database 'x' as 'u'"
+
+
+def test_describe_dsn_names_the_default_user_and_database(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DSN without user or database still says which ones libpq and asyncpg will use."""
+    monkeypatch.setenv("PGUSER", "carol")
+    monkeypatch.delenv("PGDATABASE", raising=False)
+    assert config.describe_dsn("postgresql://db.example/") == \
+        "db.example:5432 database 'carol' as 'carol'"
+    monkeypatch.setenv("PGDATABASE", "lic")
+    assert config.describe_dsn("host=db.example") == "db.example:5432 database 'lic' as 'carol'"
 
 
 # --- the same through the CLI: exit 2, the message on stderr, no traceback ------------------
