@@ -84,15 +84,14 @@ def _hint(exc: BaseException) -> str:
     return " ".join(str(hint or "").split())
 
 
-def prepared_statement_message(exc: BaseException, target: str) -> str:
+def prepared_statement_message(exc: BaseException, target: str, then: str = "") -> str:
     """One message for a pooler's prepared-statement error: what happened, the setting to
-    change and the database's HINT (whitespace folded onto one line)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    change, what happens now (`then`) and the database's HINT (folded onto one line)."""
     hint = _hint(exc)
     return (f"a prepared statement was lost between two statements at {target} "
-            f"({type(exc).__name__}: {first}): a connection pooler in transaction mode "
+            f"({exc_line(exc)}): a connection pooler in transaction mode "
             f"(e.g. PgBouncer) sits in between. Set `{SETTING}` in the config"
-            + (f". HINT: {hint}" if hint else ""))
+            + (f"; {then}" if then else "") + (f". HINT: {hint}" if hint else ""))
 
 
 def describe_error(exc: BaseException, db: DatabaseConfig) -> str:
@@ -132,8 +131,9 @@ class _PreparedStatementGuard:
         self.pool.set_connect_args(asyncpg_dsn(self.db.dsn),
                                    **_asyncpg_args(self.db, self.application_name, False))
         await self.pool.expire_connections()  # each is replaced when next released
-        log.warning("%s; going on without prepared statements for this run",
-                    prepared_statement_message(exc, describe_dsn(self.db.dsn)))
+        log.warning("%s", prepared_statement_message(
+            exc, describe_dsn(self.db.dsn),
+            then="going on without prepared statements until the daemon stops"))
 
 
 def _guarded_connection_class(guard: _PreparedStatementGuard) -> type[asyncpg.Connection]:
@@ -193,13 +193,24 @@ async def connect(db: DatabaseConfig, *, listen: bool = False,
 
 
 def unreachable(db: DatabaseConfig, exc: BaseException, *, listen: bool = False) -> str:
-    """``database not reachable at HOST:PORT database 'x' as 'u' (Error: ...)`` for a log
-    line; the key is named when the LISTEN connection has a DSN of its own."""
+    """What went wrong with the database, for a log line, naming host, port, database and user
+    (never the password) and the key: ``database not reachable at HOST:PORT database 'x' as
+    'u' (database.dsn; ConnectionRefusedError: ...)``; an error the server answered with is
+    said as such."""
     key = "database.listen_dsn" if listen and db.listen_dsn else "database.dsn"
     where = describe_dsn(db.listen_target if listen else db.dsn)
+    if is_prepared_statement_lost(exc):
+        return f"database at {where} ({key}) lost a prepared statement: {exc_line(exc)}"
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    if isinstance(exc, asyncpg.PostgresError) and not sqlstate.startswith(("08", "57P")):
+        return f"database at {where} ({key}) answered: {exc_line(exc)}"
+    return f"database not reachable at {where} ({key}; {exc_line(exc)})"
+
+
+def exc_line(exc: BaseException) -> str:
+    """``ErrorClass: first line of the message``."""
     text = str(exc).strip()
-    reason = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-    return f"database not reachable at {where} ({key}; {reason})"
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 # --- psycopg -------------------------------------------------------------------------------

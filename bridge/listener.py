@@ -26,7 +26,7 @@ import asyncpg
 
 from bridge import sql
 from bridge.config import DatabaseConfig, describe_dsn
-from bridge.connect import connect, unreachable
+from bridge.connect import connect, exc_line, unreachable
 from bridge.store import CONNECTION_ERRORS
 
 log = logging.getLogger("bridge.listener")
@@ -39,11 +39,6 @@ _DB_ERRORS = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 def backoff(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:
     """Full-jitter exponential back-off: uniform in [0, min(cap, base * 2**attempt)]."""
     return random.uniform(0, min(cap, base * 2 ** attempt))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class Listener:
@@ -181,7 +176,7 @@ class Listener:
                                           payload, timeout=self.probe_timeout)
         except _DB_ERRORS as exc:  # the database itself is the problem: readiness says so
             self._state = (False, "could not send a probe notification through database.dsn "
-                                  f"({_first_line(exc)})")
+                                  f"({exc_line(exc)})")
             return
         lost = await self._wait_for(self._echo, self.probe_timeout)
         if self._echo.is_set():
