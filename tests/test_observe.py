@@ -116,6 +116,7 @@ async def _scrape_a_running_daemon(db: Db) -> None:
             assert _get(m, captured, event_type="customer_created") == 1
             assert _get(m, captured, event_type="license_created") == 1
             assert _get(m, "qlm_bridge_listener_connected") == 1
+            assert _get(m, "qlm_bridge_notifications_arrive") == 1  # the probe came back
             oldest = _get(m, "qlm_bridge_oldest_pending_seconds")
             assert oldest is not None and oldest >= 0
             assert _get(m, "qlm_bridge_in_flight") == 0
