@@ -41,6 +41,8 @@ def _parse(text: str) -> Samples:
 
 
 def _get(samples: Samples, name: str, **labels: str) -> float | None:
+    """A sample of the (only) site, "default", unless another site is named."""
+    labels.setdefault("site", "default")
     return samples.get((name, frozenset(labels.items())))
 
 
@@ -94,10 +96,17 @@ async def _scrape_a_running_daemon(db: Db) -> None:
     task = asyncio.create_task(d.run())
     try:
         await asyncio.wait_for(d.ready.wait(), 10)
-        db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
-        db.execute("INSERT INTO license_keys (activation_key, customer_id) VALUES ('K1', 1)")
         async with aiohttp.ClientSession() as session:
             scraper = Scraper(session, port)
+
+            async def ready() -> bool:
+                code, _ = await scraper.json("/readyz")
+                return code == 200
+
+            # ready: the database answers and a probe NOTIFY came back on the LISTEN connection
+            await _until(ready, "/readyz to answer 200")
+            db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
+            db.execute("INSERT INTO license_keys (activation_key, customer_id) VALUES ('K1', 1)")
             await _until(_delivered_and_queued(scraper, a, down), "the delivery metrics")
             m = scraper.samples
             delivered = "qlm_bridge_deliveries_delivered_total"
@@ -141,16 +150,15 @@ async def _scrape_a_running_daemon(db: Db) -> None:
                 return _get(await scraper.metrics(), "qlm_bridge_listener_connected") == 0
 
             await _until(listener_down, "listener_connected to drop to 0")
-            errors = _get(scraper.samples, "qlm_bridge_database_errors_total")
-            assert errors is not None and errors >= 1
+
+            async def errors_counted() -> bool:
+                errors = _get(await scraper.metrics(), "qlm_bridge_database_errors_total")
+                return errors is not None and errors >= 1
+
+            await _until(errors_counted, "a database error to be counted")
 
             # Back again: the listener reconnects and the daemon is ready once more.
             db.server.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS true")
-
-            async def ready() -> bool:
-                code, _ = await scraper.json("/readyz")
-                return code == 200
-
             await _until(ready, "/readyz to recover")
             assert _get(await scraper.metrics(), "qlm_bridge_listener_connected") == 1
     finally:
