@@ -190,12 +190,14 @@ async def _preload_types(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(db: DatabaseConfig, *, max_size: int = 4,
-                      reset: PoolReset | None = None,
+                      reset: PoolReset | None = None, idle_lifetime: float = 300.0,
                       application_name: str = "qlm-bridge") -> asyncpg.Pool:
-    """The daemon's query pool on `database.dsn` (opens connections on demand)."""
+    """The daemon's query pool on `database.dsn` (opens connections on demand and closes
+    those unused for `idle_lifetime` seconds)."""
     guard = _PreparedStatementGuard(db, application_name)
     pool = asyncpg.create_pool(
         asyncpg_dsn(db.dsn), min_size=0, max_size=max_size, reset=reset, init=_preload_types,
+        max_inactive_connection_lifetime=idle_lifetime,
         connection_class=_guarded_connection_class(guard),
         **_asyncpg_args(db, application_name, db.prepared_statements))
     guard.pool = pool

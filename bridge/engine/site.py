@@ -38,6 +38,8 @@ FATAL_AT_START: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # bad user or password
     asyncpg.exceptions.InvalidCatalogNameError,  # no such database
 )
+# Seconds a pool connection may sit unused before it is closed.
+IDLE_CONNECTION_LIFETIME = 5.0
 # Bound on the database calls made while shutting down (the database may be gone).
 SHUTDOWN_DB_TIMEOUT = 5.0
 
@@ -87,7 +89,10 @@ class Site:
 
     async def _run(self) -> None:
         cfg = self.config
-        self.pool = await create_pool(cfg.database, max_size=4, reset=_no_reset)
+        self.pool = await create_pool(
+            cfg.database, max_size=4, reset=_no_reset,
+            # an idle site keeps one pool connection (heartbeats) besides the listener
+            idle_lifetime=IDLE_CONNECTION_LIFETIME)
         self.store = store = Store(self.pool, cfg.database.schema_name, self.id)
         if not await self._check_schema():
             log.info("daemon %s stopped before the database was reachable", self.id)
