@@ -155,7 +155,7 @@ async def _scrape_a_running_daemon(db: Db) -> None:
                 errors = _get(await scraper.metrics(), "qlm_bridge_database_errors_total")
                 return errors is not None and errors >= 1
 
-            await _until(errors_counted, "a database error to be counted")
+            await _until(errors_counted, "the database errors to be counted")
 
             # Back again: the listener reconnects and the daemon is ready once more.
             db.server.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS true")
