@@ -8,6 +8,7 @@ string value before validation.
 from __future__ import annotations
 
 import difflib
+import getpass
 import hashlib
 import json
 import os
@@ -109,12 +110,17 @@ def describe_dsn(dsn: str) -> str:
     hosts = host.split(",") if host else ["local socket"]
     ports = port.split(",")
     places = [f"{h}:{ports[i] if i < len(ports) else ports[-1]}" for i, h in enumerate(hosts)]
-    out = ", ".join(places)
-    if info.get("dbname"):
-        out += f" database {info['dbname']!r}"
-    if info.get("user"):
-        out += f" as {info['user']!r}"
-    return out
+    # the defaults libpq and asyncpg use when the DSN names no user or database
+    user = str(info.get("user") or os.environ.get("PGUSER") or _os_user())
+    dbname = str(info.get("dbname") or os.environ.get("PGDATABASE") or user)
+    return f"{', '.join(places)} database {dbname!r} as {user!r}"
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid
+        return "the current OS user"
 
 
 def _check_dsn(dsn: str) -> str:
@@ -174,8 +180,17 @@ EventName = Annotated[str, AfterValidator(_check_event_name)]
 Url = Annotated[str, AfterValidator(_check_url)]
 
 
+Dsn = Annotated[str, AfterValidator(_check_dsn)]
+
+
 class DatabaseConfig(_Model):
-    dsn: Annotated[str, AfterValidator(_check_dsn)] = Field(min_length=1)
+    dsn: Dsn = Field(min_length=1)
+    # LISTEN needs a connection of its own for the daemon's lifetime: a direct or session-mode
+    # one. None: the same as dsn.
+    listen_dsn: Dsn | None = Field(default=None, min_length=1)
+    # false behind a pooler that cannot keep prepared statements (PgBouncer before 1.21, or
+    # without max_prepared_statements, in transaction mode)
+    prepared_statements: bool = True
     schema_name: str = Field(
         default="qlm_bridge",
         min_length=1,
@@ -187,6 +202,11 @@ class DatabaseConfig(_Model):
     @property
     def channel(self) -> str:
         return self.schema_name
+
+    @property
+    def listen_target(self) -> str:
+        """The DSN the LISTEN connection uses."""
+        return self.listen_dsn or self.dsn
 
 
 _RESERVED_HEADERS = ("content-type", "user-agent")

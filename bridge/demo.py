@@ -29,6 +29,7 @@ from aiohttp import web
 from bridge import config as config_mod
 from bridge import install, sql
 from bridge.config import Config
+from bridge.connect import psycopg_connect
 from bridge.errors import BridgeError, ConfigError
 from bridge.events import QLM_EVENTS
 
@@ -175,7 +176,7 @@ def _indent(text: str) -> str:
 
 
 def _connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
-    return install.connect(dsn, timeout=10)
+    return psycopg_connect(config_mod.DatabaseConfig(dsn=dsn, connect_timeout=10))
 
 
 def _embedded_target(pg: Any) -> Target:

@@ -15,7 +15,8 @@ import psycopg
 
 from bridge import sql
 from bridge.config import ActivationRule, Config
-from bridge.errors import ConfigError, DatabaseUnavailable, InstallError
+from bridge.connect import psycopg_connect
+from bridge.errors import ConfigError, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
 SCHEMA_VERSION = 2
@@ -205,23 +206,6 @@ def render_uninstall(config: Config, drop_data: bool) -> str:
     return "\n".join(parts)
 
 
-def connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[tuple[object, ...]]:
-    """Connect, or raise DatabaseUnavailable naming host and port (never the password)."""
-    from bridge.config import ConfigError, describe_dsn
-
-    try:
-        return psycopg.connect(dsn, connect_timeout=max(1, int(timeout)), autocommit=False)
-    except psycopg.OperationalError as exc:
-        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
-        raise DatabaseUnavailable(
-            f"cannot connect to the database at {describe_dsn(dsn)} (database.dsn): "
-            f"{reason or type(exc).__name__}"
-        ) from None
-    except psycopg.ProgrammingError as exc:  # a DSN that libpq cannot parse
-        raise ConfigError(f"database.dsn: not a valid connection string: {_first_line(exc)}"
-                          ) from None
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -248,7 +232,7 @@ def _read_version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> 
 
 
 def plan(config: Config, sample_schema: bool = False) -> Plan:
-    with connect(config.database.dsn, config.database.connect_timeout) as conn:
+    with psycopg_connect(config.database) as conn:
         return render_install(config, current_version(conn, config.database.schema_name),
                               sample_schema)
 
@@ -279,7 +263,7 @@ def _lock(conn: psycopg.Connection[tuple[object, ...]]) -> None:
 def install(config: Config, sample_schema: bool = False) -> Plan:
     """Install or upgrade in one transaction; returns what was done."""
     check_schema_name(config)
-    with connect(config.database.dsn, config.database.connect_timeout) as conn, \
+    with psycopg_connect(config.database) as conn, \
             conn.transaction():
         _lock(conn)
         the_plan = render_install(config, current_version(conn, config.database.schema_name),
@@ -291,7 +275,7 @@ def install(config: Config, sample_schema: bool = False) -> Plan:
 def uninstall(config: Config, drop_data: bool = False) -> str:
     """Remove the capture (and with drop_data the bridge schema) in one transaction."""
     script = render_uninstall(config, drop_data)
-    with connect(config.database.dsn, config.database.connect_timeout) as conn, \
+    with psycopg_connect(config.database) as conn, \
             conn.transaction():
         _execute_script(conn, script)
         return script

@@ -59,6 +59,11 @@ class Metrics:
                                     "Age of the oldest pending delivery", s, registry=r)
         self.listener_connected = Gauge("qlm_bridge_listener_connected",
                                         "1 while the LISTEN connection is up", s, registry=r)
+        self.notifications_arrive = Gauge(
+            "qlm_bridge_notifications_arrive",
+            "1 while a probe NOTIFY sent through the query pool comes back on the LISTEN "
+            "connection; 0 means delivery relies on polling (see database.listen_dsn)", s,
+            registry=r)
         self.breaker_open = Gauge("qlm_bridge_circuit_breaker_open",
                                   "1 while an endpoint's circuit breaker is open", [*s, "url"],
                                   registry=r)
@@ -103,7 +108,8 @@ class SiteMetrics:
         self.parent = metrics
         for name in ("fanned_out", "attempts", "delivered", "failed", "retried", "latency",
                      "end_to_end", "in_flight", "queue_depth", "oldest_pending",
-                     "listener_connected", "breaker_open", "site_ready", "db_errors"):
+                     "listener_connected", "notifications_arrive", "breaker_open",
+                     "site_ready", "db_errors"):
             setattr(self, name, _Bound(getattr(metrics, name), site))
         for metric in (metrics.end_to_end, metrics.in_flight, metrics.queue_depth,
                        metrics.oldest_pending, metrics.listener_connected, metrics.site_ready,
@@ -121,6 +127,7 @@ class SiteMetrics:
     queue_depth: _Bound
     oldest_pending: _Bound
     listener_connected: _Bound
+    notifications_arrive: _Bound
     breaker_open: _Bound
     site_ready: _Bound
     db_errors: _Bound

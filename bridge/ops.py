@@ -22,8 +22,9 @@ from typing import Any
 import asyncpg
 import psycopg
 
-from bridge import install, sql
+from bridge import sql
 from bridge.config import Config, check_url, redact_url
+from bridge.connect import describe_error, psycopg_connect
 from bridge.dispatch import Dispatcher, sanitize
 from bridge.engine.policy import EndpointPolicy, Policies, policy_for
 from bridge.errors import BridgeError, ConfigError
@@ -52,9 +53,8 @@ def _connection(conn_or_dsn: Conn | str, config: Config) -> Iterator[Conn]:
     if not isinstance(conn_or_dsn, str):
         yield conn_or_dsn
         return
-    conn = install.connect(conn_or_dsn, config.database.connect_timeout)
+    conn = psycopg_connect(config.database, dsn=conn_or_dsn, autocommit=True)
     try:
-        conn.autocommit = True
         yield conn
     finally:
         conn.close()
@@ -75,8 +75,7 @@ def _session(conn_or_dsn: Conn | str, config: Config) -> Iterator[tuple[Conn, di
                                   "database; run `qlm-bridge install` first")
             yield conn, q
     except psycopg.Error as exc:
-        text = str(exc).strip()
-        raise BridgeError(f"database error: {text.splitlines()[0] if text else exc!r}") from None
+        raise BridgeError(f"database error: {describe_error(exc, config.database)}") from None
 
 
 # --- durations and times ---------------------------------------------------------------------

@@ -79,30 +79,6 @@ class BreakerChange:
     failures: int
 
 
-def asyncpg_dsn(dsn: str) -> str:
-    """asyncpg takes URLs only; turn a libpq key=value DSN into one."""
-    if "://" in dsn:
-        return dsn
-    from urllib.parse import quote
-
-    import psycopg
-
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    user = quote(str(info.pop("user", "")), safe="")
-    password = info.pop("password", None)
-    auth = user + (":" + quote(str(password), safe="") if password is not None else "")
-    host = str(info.pop("host", ""))
-    port = info.pop("port", None)
-    netloc = (auth + "@" if auth else "") + (host if "/" not in host else "")
-    if port:
-        netloc += f":{port}"
-    if "/" in host:
-        info["host"] = host
-    db = quote(str(info.pop("dbname", "")), safe="")
-    query = "&".join(f"{k}={quote(str(v), safe='/')}" for k, v in info.items())
-    return f"postgresql://{netloc}/{db}" + (f"?{query}" if query else "")
-
-
 class Store:
     def __init__(self, pool: asyncpg.Pool, schema: str, owner: str) -> None:
         self.pool = pool

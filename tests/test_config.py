@@ -410,6 +410,40 @@ def test_malformed_dsn(tmp_path: Path) -> None:
     assert "database.dsn: has an invalid port 'http'" in msg
 
 
+def test_listen_dsn_and_prepared_statements(tmp_path: Path) -> None:
+    """listen_dsn is checked, expanded and kept secret like dsn; both keys default sensibly."""
+    cfg = config.load(write(tmp_path, f'database: {{dsn: "{GOOD_DSN}"}}\n'), env={})
+    assert cfg.database.listen_dsn is None and cfg.database.listen_target == GOOD_DSN
+    assert cfg.database.prepared_statements is True
+    path = write(tmp_path, """\
+        database:
+          dsn: "postgresql://bridge@pgbouncer:6432/qlm"
+          listen_dsn: "postgresql://bridge:${DB_PASSWORD}@${DB_HOST:-db}:5432/qlm"
+          prepared_statements: false
+        """)
+    cfg = config.load(path, env={"DB_PASSWORD": "pw-s3cret"})
+    assert cfg.database.listen_target == "postgresql://bridge:pw-s3cret@db:5432/qlm"
+    assert cfg.database.prepared_statements is False
+    assert "s3cret" not in config.describe_dsn(cfg.database.listen_target)
+
+    msg = problems(tmp_path, f"""\
+        database:
+          dsn: "{GOOD_DSN}"
+          listen_dsn: "postgresql://bridge:pw-s3cret@db:http/qlm"
+          prepared_statments: false
+        """)
+    assert "database.listen_dsn: has an invalid port 'http'" in msg
+    assert "database.prepared_statments: unknown key; did you mean 'prepared_statements'?" in msg
+    assert "s3cret" not in msg
+    msg = problems(tmp_path, f"""\
+        database: {{dsn: "{GOOD_DSN}", listen_dsn: "${{LISTEN}}", prepared_statements: maybe}}
+        """)
+    assert "database.listen_dsn: environment variable ${LISTEN} is not set" in msg
+    assert "database.prepared_statements: " in msg and "(2 problems)" in msg
+    assert "database.listen_dsn: is not a valid PostgreSQL connection string" in problems(
+        tmp_path, f'database: {{dsn: "{GOOD_DSN}", listen_dsn: "not a dsn"}}\n')
+
+
 def test_empty_file_and_top_level_list(tmp_path: Path) -> None:
     assert "the file is empty" in problems(tmp_path, "")
     assert "the file is empty" in problems(tmp_path, "# only a comment\n")
@@ -434,7 +468,19 @@ def test_lease_must_exceed_timeout(tmp_path: Path) -> None:
 def test_describe_dsn_never_shows_the_password() -> None:
     where = config.describe_dsn("postgresql://bob:hunter2@db.example:6543/lic")
     assert where == "db.example:6543 database 'lic' as 'bob'"
-    assert config.describe_dsn("host=a,b port=1,2 dbname=x") == "a:1, b:2 database 'x'"
+    assert config.describe_dsn("host=a,b port=1,2 dbname=x user=u") == \
+        "a:1, b:2 database 'x' as 'u'"
+
+
+def test_describe_dsn_names_the_default_user_and_database(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DSN without user or database still says which ones libpq and asyncpg will use."""
+    monkeypatch.setenv("PGUSER", "carol")
+    monkeypatch.delenv("PGDATABASE", raising=False)
+    assert config.describe_dsn("postgresql://db.example/") == \
+        "db.example:5432 database 'carol' as 'carol'"
+    monkeypatch.setenv("PGDATABASE", "lic")
+    assert config.describe_dsn("host=db.example") == "db.example:5432 database 'lic' as 'carol'"
 
 
 # --- the same through the CLI: exit 2, the message on stderr, no traceback ------------------

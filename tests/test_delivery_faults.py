@@ -212,6 +212,10 @@ async def _unreachable(tmp_path: Path) -> None:
     finally:
         await proc.close()
     assert "retrying" in proc.stderr
+    # it says what it waits for: host, port, database, user and the key (issue 9, item 5)
+    port = dsn.rsplit(":", 1)[1].split("/")[0]
+    assert (f"database not reachable at 127.0.0.1:{port} database 'qlm' as 'bridge' "
+            "(database.dsn; ") in proc.stderr
     assert "stopped before the database was reachable" in proc.stderr
     assert "pw-s3cret" not in proc.stderr and "Traceback" not in proc.stderr
 

@@ -96,10 +96,17 @@ async def _scrape_a_running_daemon(db: Db) -> None:
     task = asyncio.create_task(d.run())
     try:
         await asyncio.wait_for(d.ready.wait(), 10)
-        db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
-        db.execute("INSERT INTO license_keys (activation_key, customer_id) VALUES ('K1', 1)")
         async with aiohttp.ClientSession() as session:
             scraper = Scraper(session, port)
+
+            async def ready() -> bool:
+                code, _ = await scraper.json("/readyz")
+                return code == 200
+
+            # ready: the database answers and a probe NOTIFY came back on the LISTEN connection
+            await _until(ready, "/readyz to answer 200")
+            db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
+            db.execute("INSERT INTO license_keys (activation_key, customer_id) VALUES ('K1', 1)")
             await _until(_delivered_and_queued(scraper, a, down), "the delivery metrics")
             m = scraper.samples
             delivered = "qlm_bridge_deliveries_delivered_total"
@@ -118,6 +125,7 @@ async def _scrape_a_running_daemon(db: Db) -> None:
             assert _get(m, captured, event_type="customer_created") == 1
             assert _get(m, captured, event_type="license_created") == 1
             assert _get(m, "qlm_bridge_listener_connected") == 1
+            assert _get(m, "qlm_bridge_notifications_arrive") == 1  # the probe came back
             oldest = _get(m, "qlm_bridge_oldest_pending_seconds")
             assert oldest is not None and oldest >= 0
             assert _get(m, "qlm_bridge_in_flight") == 0
@@ -151,11 +159,6 @@ async def _scrape_a_running_daemon(db: Db) -> None:
 
             # Back again: the listener reconnects and the daemon is ready once more.
             db.server.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS true")
-
-            async def ready() -> bool:
-                code, _ = await scraper.json("/readyz")
-                return code == 200
-
             await _until(ready, "/readyz to recover")
             assert _get(await scraper.metrics(), "qlm_bridge_listener_connected") == 1
     finally:

@@ -16,6 +16,7 @@ import asyncpg
 
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
+from bridge.connect import create_pool, unreachable
 from bridge.dispatch import Dispatcher, close_quietly
 from bridge.engine.completer import Completer
 from bridge.engine.executor import Executor, describe
@@ -27,7 +28,7 @@ from bridge.engine.slots import Slots
 from bridge.errors import BridgeError, ConfigError
 from bridge.listener import Listener, backoff
 from bridge.observe import SiteMetrics
-from bridge.store import CONNECTION_ERRORS, Store, asyncpg_dsn
+from bridge.store import CONNECTION_ERRORS, Store
 
 log = logging.getLogger("bridge.daemon")
 
@@ -88,12 +89,10 @@ class Site:
 
     async def _run(self) -> None:
         cfg = self.config
-        self.pool = await asyncpg.create_pool(
-            asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4, reset=_no_reset,
-            timeout=cfg.database.connect_timeout,
+        self.pool = await create_pool(
+            cfg.database, max_size=4, reset=_no_reset,
             # an idle site keeps one pool connection (heartbeats) besides the listener
-            max_inactive_connection_lifetime=IDLE_CONNECTION_LIFETIME,
-            server_settings={"application_name": "qlm-bridge"})
+            idle_lifetime=IDLE_CONNECTION_LIFETIME)
         self.store = store = Store(self.pool, cfg.database.schema_name, self.id)
         if not await self._check_schema():
             log.info("daemon %s stopped before the database was reachable", self.id)
@@ -117,10 +116,9 @@ class Site:
             self.metrics, self.clock, self.wake)
         maintenance = Maintenance(store, self.pool, lambda: self.w.config, producer)
         self.listener = Listener(
-            asyncpg_dsn(cfg.database.dsn), cfg.database.channel, self.wake,
+            cfg.database, self.wake, probe_pool=self.pool,
             keepalive=cfg.daemon.heartbeat_interval,
-            reconnect_max_delay=cfg.daemon.reconnect_max_delay,
-            connect_timeout=cfg.database.connect_timeout)
+            reconnect_max_delay=cfg.daemon.reconnect_max_delay)
         self.listener.start()
         with contextlib.suppress(*DB_ERRORS):
             await maintenance.refresh_urls()
@@ -169,6 +167,8 @@ class Site:
             log.error("the bridge schema %r is gone (uninstalled with --drop-data?): "
                       "reinstall it or stop this daemon; retrying in %.2f s",
                       self.config.database.schema_name, delay)
+        elif isinstance(exc, CONNECTION_ERRORS):
+            log.warning("%s; retrying in %.2f s", unreachable(self.config.database, exc), delay)
         elif isinstance(exc, DB_ERRORS):
             log.warning("database error (%s); retrying in %.2f s", describe(exc), delay)
         else:
@@ -207,9 +207,8 @@ class Site:
             except DB_ERRORS as exc:
                 delay = backoff(failures, base=0.2, cap=self.config.daemon.reconnect_max_delay)
                 failures += 1
-                self.problem = f"database not reachable ({describe(exc)})"
-                log.warning("database not reachable (%s); retrying in %.1f s",
-                            describe(exc), delay)
+                self.problem = unreachable(self.config.database, exc)
+                log.warning("%s; retrying in %.1f s", self.problem, delay)
                 if await self.sleep_unless_stopping(delay):
                     return False
 
@@ -258,9 +257,8 @@ class Site:
     async def reload(self, new: Config) -> bool:
         """Apply a re-read config; False (and the running config kept) if it cannot be."""
         old = self.config
-        if (new.database.dsn, new.database.schema_name) != (old.database.dsn,
-                                                              old.database.schema_name):
-            log.warning("database.dsn/schema changes need a restart; applying the rest")
+        if new.database != old.database:
+            log.warning("database.* changes need a restart; applying the rest")
             new = new.model_copy(update={"database": old.database})
         if self.store is None:
             self.w.config, self.w.policies = new, Policies(new.webhooks)
@@ -313,20 +311,22 @@ class Site:
             return False, self.problem
         if self.store is None or not self.ready.is_set():
             return False, "starting: database not reached yet"
-        listening = self.listener is not None and self.listener.connected
         try:
             await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), 2)
         except DB_ERRORS as exc:  # TimeoutError included
             return False, f"database unreachable: {describe(exc)}"
-        if not listening:
+        if self.listener is None:
             return False, "LISTEN connection down"
-        return True, "database reachable, LISTEN active"
+        listening, detail = self.listener.notifications_ok
+        return listening, f"database reachable, {detail}" if listening else detail
 
     async def refresh_gauges(self) -> None:
         if self.store is None:
             return
         self.metrics.listener_connected.set(
             1 if self.listener is not None and self.listener.connected else 0)
+        self.metrics.notifications_arrive.set(
+            1 if self.listener is not None and self.listener.notifications_ok[0] else 0)
         row = await asyncio.wait_for(self.store.pool.fetchrow(self.store.q["queue_stats"]), 2)
         if row is not None:
             self.metrics.queue_depth.set(row["pending"])
@@ -357,7 +357,7 @@ class Site:
             task.cancel()
         try:
             await asyncio.wait_for(self._leave(sorted(set(unfinished))), SHUTDOWN_DB_TIMEOUT)
-        except DB_ERRORS as exc:  # TimeoutError included
+        except Exception as exc:  # TimeoutError included
             log.warning("could not sign off cleanly (%s); leases expire by themselves",
                         describe(exc))
         if self.listener is not None:
