@@ -58,23 +58,12 @@ UPDATE __SCHEMA__.delivery d
        updated_at = now()
   FROM due, __SCHEMA__.event e
  WHERE d.id = due.id AND e.id = d.event_id
--- info/previous: the row (old values) as JSON text with payload field names, in table column
--- order; values are jsonb's own text, so numbers keep every digit.
+-- info/previous: the payload's row and old values, rendered by the bridge schema's functions
+-- (migrate_v2.sql: field names, column order, UTC times; every digit of numbers kept).
 RETURNING d.id, d.url, d.attempts, e.event_id, e.event_type, e.kind, e.created_at,
-          (SELECT '{' || string_agg(
-                      to_json(coalesce(f.override, f.field_name,
-                                       __SCHEMA__.field_name_v1(j.key)))::text
-                      || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
-             FROM jsonb_each(e.row_data) AS j
-             LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-          ) AS info,
-          (SELECT '{' || string_agg(
-                      to_json(coalesce(f.override, f.field_name,
-                                       __SCHEMA__.field_name_v1(j.key)))::text
-                      || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
-             FROM jsonb_each(e.previous) AS j
-             LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-          ) AS previous;
+          __SCHEMA__.payload_info_v2(e.kind, e.row_data, e.row_data_v1) AS info,
+          __SCHEMA__.payload_previous_v2(e.kind, e.row_data, e.old_data, e.previous_v1)
+              AS previous;
 
 -- name: pending_urls
 -- Every URL with pending deliveries (also URLs no longer in the config: what was fanned out to

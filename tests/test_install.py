@@ -15,13 +15,14 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from conftest import Db, base_config
+from conftest import Db, base_config, previous_sql
 
 from bridge import install, sql
 from bridge.config import Config
 from bridge.errors import ConfigError, InstallError
 
 CAPTURE_FUNCS = ("capture_license_v1", "capture_customer_v1")
+V = install.SCHEMA_VERSION
 
 
 def qi(name: str) -> str:
@@ -89,9 +90,9 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int) ->
 def test_second_install_changes_nothing(db: Db) -> None:
     db.execute("INSERT INTO license_keys (activation_key) VALUES ('K0')")
     before = snapshot(db)
-    assert len(before["triggers"]) == 2 and len(before["functions"]) == 3
+    assert len(before["triggers"]) == 2 and len(before["functions"]) == 9
     plan = install.install(db.config(), sample_schema=True)
-    assert (plan.from_version, plan.to_version) == (1, 1)
+    assert (plan.from_version, plan.to_version) == (V, V)
     assert snapshot(db) == before
     # one trigger per table still: each change gives exactly one event
     db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
@@ -103,11 +104,11 @@ def test_cli_install_twice_exits_0(empty_db: Db, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", empty_db.dsn)
     first = cli("install", "--config", str(cfg), "--sample-schema")
     assert first.returncode == 0, first.stderr
-    assert "installed bridge schema 'qlm_bridge' version 1" in first.stdout
+    assert f"installed bridge schema 'qlm_bridge' version {V}" in first.stdout
     before = snapshot(empty_db)
     second = cli("install", "--config", str(cfg), "--sample-schema")
     assert second.returncode == 0, second.stderr
-    assert "is at version 1" in second.stdout
+    assert f"is at version {V}" in second.stdout
     assert snapshot(empty_db) == before
 
 
@@ -136,8 +137,8 @@ def test_concurrent_installs_both_succeed(empty_db: Db) -> None:
     for t in threads:
         t.join(30)
     assert all(isinstance(r, install.Plan) for r in results), results
-    assert sorted(r.from_version or 0 for r in results if isinstance(r, install.Plan)) == [0, 1]
-    assert empty_db.scalar("SELECT count(*) FROM qlm_bridge.version") == 1
+    assert sorted(r.from_version or 0 for r in results if isinstance(r, install.Plan)) == [0, V]
+    assert empty_db.scalar("SELECT count(*) FROM qlm_bridge.version") == V
 
 
 # --- transactional -----------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_missing_table_is_named(empty_db: Db) -> None:
 def test_newer_schema_version_is_refused(db: Db, tmp_path: Path) -> None:
     db.execute("INSERT INTO qlm_bridge.version (version) VALUES (99)")
     before = snapshot(db)
-    with pytest.raises(InstallError, match=r"version 99, newer than this qlm-bridge \(1\)"):
+    with pytest.raises(InstallError, match=rf"version 99, newer than this qlm-bridge \({V}\)"):
         install.install(db.config())
     assert snapshot(db) == before
     cfg = write_config(tmp_path / "c.yaml", db.dsn)
@@ -236,13 +237,14 @@ def test_printed_sql_applies_with_psql(empty_db: Db, tmp_path: Path) -> None:
     applied = psql(empty_db.dsn, script)
     assert applied.returncode == 0, applied.stderr
     assert "ERROR" not in applied.stderr
-    assert empty_db.query("SELECT version FROM qlm_bridge.version") == [(1,)]
+    assert empty_db.query("SELECT version FROM qlm_bridge.version ORDER BY 1") == [
+        (v,) for v in range(1, V + 1)]
     empty_db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
     empty_db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
     assert event_types(empty_db) == ["customer_created", "license_created"]
     # the same as the installer's own result: a real install now has nothing to add
     before = snapshot(empty_db)
-    assert install.install(empty_db.config(), sample_schema=True).from_version == 1
+    assert install.install(empty_db.config(), sample_schema=True).from_version == V
     assert snapshot(empty_db) == before
 
     printed = cli("uninstall", "--config", str(cfg), "--print-sql")
@@ -268,7 +270,7 @@ def test_uninstall_keeps_data_and_install_again_works(db: Db) -> None:
     install.uninstall(db.config())  # a second uninstall is a no-op
 
     plan = install.install(db.config())
-    assert plan.from_version == 1
+    assert plan.from_version == V
     assert db.query("SELECT version, installed_at FROM qlm_bridge.version") == versions
     db.execute("UPDATE license_keys SET computer_id = 'PC1' WHERE activation_key = 'K2'")
     assert event_types(db) == ["license_created", "license_activated"]
@@ -382,8 +384,8 @@ def test_custom_tables_with_quoted_mixed_case_names(empty_db: Db) -> None:
     run("""UPDATE "Sales"."LicenseKeys" SET "MachineId" = '' WHERE "Edition" = 2""")
     run("""UPDATE "Sales"."Customers" SET "Name" = 'Bea'""")
     run("""DELETE FROM "Sales"."LicenseKeys" WHERE "Edition" = 1""")
-    rows = empty_db.query("SELECT event_type, source_table, row_data->>'Edition', previous "
-                          "FROM qlm_bridge.event ORDER BY id")
+    rows = empty_db.query("SELECT event_type, source_table, row_data->>'Edition', "
+                          f"{previous_sql()} FROM qlm_bridge.event ORDER BY id")
     assert rows == [
         ("customer_created", "Sales.Customers", None, None),
         ("license_created", "Sales.LicenseKeys", "1", None),
@@ -439,6 +441,9 @@ def test_names_with_quotes_and_semicolons_are_just_identifiers(empty_db: Db) -> 
                          capture={"licenses": {"table": table}})
     install.install(config, sample_schema=True)
     quoted_table, quoted_schema = qi(table), qi(schema)
+    # writers notify while a daemon sleeps (a fresh install does not notify)
+    empty_db.execute(f"UPDATE {quoted_schema}.runtime SET sleeping = true, "
+                     "sleeping_until = now() + interval '1 hour'")
     with psycopg.connect(empty_db.dsn, autocommit=True) as listener:
         listener.execute(f"LISTEN {quoted_schema}".encode())
         empty_db.execute(f"INSERT INTO {quoted_table} (id, activation_key) VALUES (1, 'K')")

@@ -1,0 +1,150 @@
+-- qlm-webhook-bridge schema, version 2: capture that costs the writer little.
+-- Rendered by bridge/install.py (__SCHEMA__ is the quoted bridge schema name) and applied once,
+-- inside the installer's transaction, after schema_v1.sql (fresh install) or on a version-1
+-- database (upgrade in place). Every statement here is a catalog change or touches one row:
+-- the event table is not rewritten, so upgrading a big outbox takes no time and no long lock.
+--
+-- What changes:
+--   * The triggers no longer build jsonb nor compute `previous` in the writer's transaction.
+--     They store row_to_json(NEW) (OLD for DELETE) in event.row_data, now `json`, and for an
+--     UPDATE the whole old row in event.old_data; the daemon derives `previous` (the old values
+--     of the changed columns), the payload field names and UTC times when it claims a delivery
+--     (payload_info_v2 / payload_previous_v2 below).
+--   * Events captured by version 1 keep their jsonb text in row_data_v1 / previous_v1 (renamed,
+--     not converted) and render exactly as before. Renaming also stops a version-1 daemon left
+--     running against an upgraded schema: its claim no longer compiles, so it sends nothing
+--     rather than an empty LicenseInfo.
+--   * runtime: writers NOTIFY only while sleeping AND sleeping_until > now(). A NULL
+--     sleeping_until no longer means "no expiry": it means "do not notify". A fresh install
+--     starts with sleeping = false, so no commit pays for NOTIFY before a daemon has run; a
+--     daemon's first poll covers what was written before it started.
+--   * field_map.type_name: each column's type (domains resolved to their base type), written
+--     by install, so the daemon knows which values are timestamptz.
+
+ALTER TABLE __SCHEMA__.event RENAME COLUMN row_data TO row_data_v1;
+ALTER TABLE __SCHEMA__.event RENAME COLUMN previous TO previous_v1;
+ALTER TABLE __SCHEMA__.event ALTER COLUMN row_data_v1 DROP NOT NULL;
+ALTER TABLE __SCHEMA__.event ADD COLUMN row_data json;
+ALTER TABLE __SCHEMA__.event ADD COLUMN old_data json;
+COMMENT ON COLUMN __SCHEMA__.event.row_data IS
+    'row_to_json of the row after the change (before it, for DELETE); NULL for version-1 events';
+COMMENT ON COLUMN __SCHEMA__.event.old_data IS
+    'UPDATE only: row_to_json of the row before the change';
+COMMENT ON COLUMN __SCHEMA__.event.row_data_v1 IS
+    'events captured by schema version 1: the row as jsonb';
+COMMENT ON COLUMN __SCHEMA__.event.previous_v1 IS
+    'events captured by schema version 1: old values of the changed columns, as jsonb';
+
+ALTER TABLE __SCHEMA__.runtime ALTER COLUMN sleeping SET DEFAULT false;
+-- version 1 left sleeping = true with no expiry on a database where no daemon had run yet
+UPDATE __SCHEMA__.runtime SET sleeping = false WHERE id = 1 AND sleeping_until IS NULL;
+COMMENT ON COLUMN __SCHEMA__.runtime.sleeping_until IS
+    'writers NOTIFY while sleeping and now() < sleeping_until; NULL: they do not';
+
+ALTER TABLE __SCHEMA__.field_map ADD COLUMN type_name text;
+COMMENT ON COLUMN __SCHEMA__.field_map.type_name IS
+    'the column''s type as format_type() writes it, domains resolved (written by install)';
+
+-- The type a column's values have in JSON: domains resolved to their base type, also for the
+-- elements of an array ("timestamp with time zone[]").
+CREATE FUNCTION __SCHEMA__.base_type_v2(typ oid) RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+    WITH RECURSIVE chain(oid, base, elem, depth) AS (
+        SELECT t.oid, t.typbasetype, t.typelem, 0 FROM pg_type t WHERE t.oid = typ
+        UNION ALL
+        SELECT t.oid, t.typbasetype, t.typelem, c.depth + 1
+          FROM chain c JOIN pg_type t ON t.oid = c.base
+         WHERE c.base <> 0
+    ), resolved AS (
+        SELECT c.oid, c.elem FROM chain c ORDER BY c.depth DESC LIMIT 1
+    )
+    SELECT CASE WHEN r.elem <> 0 AND t.typcategory = 'A'
+                THEN __SCHEMA__.base_type_v2(r.elem) || '[]'
+                ELSE format_type(r.oid, NULL) END
+      FROM resolved r JOIN pg_type t ON t.oid = r.oid
+$qlm_bridge$;
+
+-- A timestamptz as the payload writes every time: UTC, microseconds, 'Z', the form of the
+-- body's Timestamp (2026-01-15T12:00:00.000000Z), as a JSON string. infinity and years outside
+-- 1-9999 (which that form cannot hold) come as PostgreSQL writes the UTC time.
+CREATE FUNCTION __SCHEMA__.utc_v2(ts timestamptz) RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+    SELECT CASE WHEN isfinite(ts) AND extract(year FROM ts AT TIME ZONE 'UTC') BETWEEN 1 AND 9999
+                THEN '"' || to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'
+                ELSE to_json(ts AT TIME ZONE 'UTC')::text END
+$qlm_bridge$;
+
+-- One captured value (JSON text) as the payload writes it: timestamptz values, and the elements
+-- of timestamptz arrays, in UTC (utc_v2); everything else exactly as captured, so numbers keep
+-- every digit. A value that does not look like a timestamptz (the column's type changed after
+-- install) is left as it is rather than failing the claim.
+CREATE FUNCTION __SCHEMA__.payload_value_v2(value text, type_name text) RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+BEGIN
+    IF type_name = 'timestamp with time zone'
+       AND value ~ '^"(-?infinity|[0-9]{4,}-[0-9]{2}-[0-9]{2}T[0-9:.]+[+-][0-9:]+( BC)?)"$' THEN
+        RETURN __SCHEMA__.utc_v2(btrim(value, '"')::timestamptz);
+    ELSIF type_name = 'timestamp with time zone[]' AND left(value, 1) = '[' THEN
+        RETURN (SELECT '[' || coalesce(string_agg(
+                    __SCHEMA__.payload_value_v2(e.value::text,
+                        CASE WHEN json_typeof(e.value) = 'array' THEN type_name
+                             ELSE 'timestamp with time zone' END), ',' ORDER BY e.n), '') || ']'
+                  FROM json_array_elements(value::json) WITH ORDINALITY AS e(value, n));
+    END IF;
+    RETURN value;
+END
+$qlm_bridge$;
+
+-- The columns an UPDATE changed, with their old values: (key, old value as JSON text), in
+-- column order. Values are compared as the trigger wrote them (same session, same text for the
+-- same value), so a change the writer can see is a change here.
+CREATE FUNCTION __SCHEMA__.changed_v2(new_row json, old_row json)
+RETURNS TABLE (key text, value text, n bigint)
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+    SELECT o.key, o.value::text, o.n
+      FROM json_each(old_row) WITH ORDINALITY AS o(key, value, n)
+      LEFT JOIN json_each(new_row) AS w(key, value) ON w.key = o.key
+     WHERE w.value::text IS DISTINCT FROM o.value::text
+$qlm_bridge$;
+
+-- The body's LicenseInfo / CustomerInfo: the event's row as a JSON object with payload field
+-- names (field_map: QLM's names, then webhooks.field_names overrides; unknown columns by the
+-- naming rule), in table column order, timestamptz in UTC. Version-1 events (row_data_v1) render
+-- through the same rules. The claim statement calls this once per claimed delivery.
+CREATE FUNCTION __SCHEMA__.payload_info_v2(kind text, row_data json, row_data_v1 jsonb)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+    SELECT '{' || string_agg(
+               to_json(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)))::text
+               || ':' || CASE WHEN f.type_name LIKE 'timestamp with time zone%'
+                              THEN __SCHEMA__.payload_value_v2(j.value, f.type_name)
+                              ELSE j.value END,
+               ',' ORDER BY f.position, j.n, j.key) || '}'
+      FROM (SELECT r.key, r.value::text, r.n FROM json_each(row_data) WITH ORDINALITY AS r(key, value, n)
+            UNION ALL
+            SELECT r.key, r.value::text, NULL FROM jsonb_each(row_data_v1) AS r(key, value)
+           ) AS j(key, value, n)
+      LEFT JOIN __SCHEMA__.field_map f ON f.kind = payload_info_v2.kind AND f.column_name = j.key
+$qlm_bridge$;
+
+-- The body's Previous: the old values of the columns an UPDATE changed (changed_v2), rendered
+-- like payload_info_v2; NULL for INSERT and DELETE events (no Previous in the body).
+CREATE FUNCTION __SCHEMA__.payload_previous_v2(kind text, row_data json, old_data json,
+                                               previous_v1 jsonb)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+    SELECT '{' || string_agg(
+               to_json(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)))::text
+               || ':' || CASE WHEN f.type_name LIKE 'timestamp with time zone%'
+                              THEN __SCHEMA__.payload_value_v2(j.value, f.type_name)
+                              ELSE j.value END,
+               ',' ORDER BY f.position, j.n, j.key) || '}'
+      FROM (SELECT c.key, c.value, c.n FROM __SCHEMA__.changed_v2(row_data, old_data) AS c
+            UNION ALL
+            SELECT r.key, r.value::text, NULL FROM jsonb_each(previous_v1) AS r(key, value)
+           ) AS j(key, value, n)
+      LEFT JOIN __SCHEMA__.field_map f
+        ON f.kind = payload_previous_v2.kind AND f.column_name = j.key
+$qlm_bridge$;
+
+INSERT INTO __SCHEMA__.version (version) VALUES (2);
