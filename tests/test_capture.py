@@ -288,6 +288,30 @@ def test_customer_writes_notify_too(db: Db, listener: psycopg.Connection[Any]) -
     assert next_notify(listener).channel == "qlm_bridge"
 
 
+def test_a_fresh_install_does_not_notify(db: Db, listener: psycopg.Connection[Any]) -> None:
+    """No daemon has run yet: writers skip NOTIFY (and its commit lock) until one sleeps; its
+    first poll finds what was written before."""
+    assert db.query("SELECT sleeping, sleeping_until FROM qlm_bridge.runtime") == [(False, None)]
+    db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
+    db.execute("UPDATE license_keys SET computer_id = 'PC1'")
+    db.execute("NOTIFY qlm_bridge, 'marker'")  # notifications arrive in commit order
+    assert next_notify(listener).payload == "marker"
+    assert len(events(db)) == 3
+
+
+def test_an_expired_sleep_does_not_notify(db: Db, listener: psycopg.Connection[Any]) -> None:
+    """A daemon that died asleep: once its sleeping_until has passed, writers stop notifying."""
+    db.execute("UPDATE qlm_bridge.runtime SET sleeping = true, "
+               "sleeping_until = now() - interval '1 second'")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
+    db.execute("NOTIFY qlm_bridge, 'marker'")
+    assert next_notify(listener).payload == "marker"
+    db.execute("UPDATE qlm_bridge.runtime SET sleeping_until = now() + interval '1 hour'")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K2')")
+    assert next_notify(listener).payload == ""
+
+
 def test_no_notify_while_awake(db: Db, listener: psycopg.Connection[Any]) -> None:
     set_runtime(db, sleeping=False)
     db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
@@ -385,6 +409,8 @@ def test_search_path_hijack_does_not_affect_capture(db: Db, app_role: str) -> No
         INSERT INTO evil.runtime VALUES (false, true);
         CREATE FUNCTION evil.to_jsonb(anyelement) RETURNS jsonb LANGUAGE sql
             AS $$ INSERT INTO evil.hits VALUES ('to_jsonb') RETURNING '{{}}'::jsonb $$;
+        CREATE FUNCTION evil.row_to_json(anyelement) RETURNS json LANGUAGE sql
+            AS $$ INSERT INTO evil.hits VALUES ('row_to_json') RETURNING '{{}}'::json $$;
         CREATE FUNCTION evil.jsonb_each(jsonb, OUT key text, OUT value jsonb)
             RETURNS SETOF record LANGUAGE sql
             AS $$ INSERT INTO evil.hits VALUES ('jsonb_each') RETURNING 'k', '1'::jsonb $$;
