@@ -55,7 +55,7 @@ def test_times_are_utc_whatever_the_writers_time_zone(db: Db) -> None:
     bodies = asyncio.run(_deliver(db))
     by = {(b["EventType"], b["LicenseInfo"]["ActivationKey"]): b for b in bodies}
     same: dict[str, list[Any]] = {}
-    for (event_type, key), body in sorted(by.items()):
+    for (event_type, _key), body in sorted(by.items()):
         info = body["LicenseInfo"]
         assert UTC_FORM.match(body["Timestamp"])
         assert UTC_FORM.match(info["CreationDate"])
