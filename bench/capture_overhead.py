@@ -42,7 +42,6 @@ INSERT INTO {PLAIN} (activation_key, product_id, num_licenses, available_license
 SELECT 'pre-' || g, 7, 1000000, 1000000 FROM generate_series(1, {PRELOAD}) g;
 INSERT INTO license_keys SELECT * FROM {PLAIN};
 TRUNCATE qlm_bridge.event CASCADE;
-VACUUM ANALYZE;
 """
 
 
@@ -53,10 +52,20 @@ class Pairs:
     plain: list[float] = field(default_factory=list)
     bridged: list[float] = field(default_factory=list)
     notify_share: list[float] = field(default_factory=list)  # of samples with NOTIFY on
+    # CPU of the writers' backends per transaction, microseconds: less sensitive than TPS to
+    # what else runs on a shared machine
+    plain_cpu_us: list[float] = field(default_factory=list)
+    bridged_cpu_us: list[float] = field(default_factory=list)
 
     @property
     def ratios(self) -> list[float]:
         return [b / p for b, p in zip(self.bridged, self.plain, strict=True)]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        """plain CPU per transaction / bridged: the TPS ratio a CPU-bound server would see."""
+        return [p / b for b, p in zip(self.bridged_cpu_us, self.plain_cpu_us, strict=True)
+                if b > 0]
 
 
 def _reset(dsn: str) -> None:
@@ -80,10 +89,20 @@ def _runtime(dsn: str) -> tuple[bool, bool]:
     return bool(row[0]), bool(row[1])
 
 
+@dataclass
+class Watch:
+    """What a pgbench run did besides its TPS: whether writers had NOTIFY on (one sample per
+    tick) and the CPU seconds of each pgbench backend (the last reading before it ended)."""
+
+    notify: list[bool] = field(default_factory=list)
+    cpu: dict[int, float] = field(default_factory=dict)
+
+
 @contextmanager
-def _sampling(dsn: str, every: float = 0.1) -> Iterator[list[bool]]:
-    """Sample whether writers NOTIFY (runtime flag) while the block runs."""
-    samples: list[bool] = []
+def _watching(dsn: str, every: float = 0.1) -> Iterator[Watch]:
+    """Sample the NOTIFY flag and the pgbench backends' CPU while the block runs (only this
+    database's backends: other work on a shared server does not count)."""
+    watch = Watch()
     stop = threading.Event()
 
     def run() -> None:
@@ -91,13 +110,19 @@ def _sampling(dsn: str, every: float = 0.1) -> Iterator[list[bool]]:
             while not stop.is_set():
                 row = conn.execute("SELECT coalesce(sleeping AND sleeping_until > now(), false)"
                                    " FROM qlm_bridge.runtime").fetchone()
-                samples.append(bool(row and row[0]))
+                watch.notify.append(bool(row and row[0]))
+                for (pid,) in conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name = 'pgbench'").fetchall():
+                    seconds = env.cpu_seconds(pid)
+                    if seconds:
+                        watch.cpu[pid] = seconds
                 stop.wait(every)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        yield samples
+        yield watch
     finally:
         stop.set()
         thread.join(10)
@@ -111,17 +136,18 @@ def _pairs(ctx: Ctx, dsn: str, scripts: dict[str, Path], kind: str) -> Pairs:
         for side in sides:
             _reset(dsn)
             script = scripts[f"{kind}.{side}"]
+            seconds = ctx.modes.p1_seconds
+            with _watching(dsn) as watch:
+                tps = workload.pgbench_run(binary, dsn, script, CLIENTS, seconds)
+            cpu_us = sum(watch.cpu.values()) * 1e6 / (tps * seconds)
             if side == "plain":
-                out.plain.append(_pgbench(binary, dsn, script, ctx.modes.p1_seconds))
-                continue
-            with _sampling(dsn) as samples:
-                out.bridged.append(_pgbench(binary, dsn, script, ctx.modes.p1_seconds))
-            out.notify_share.append(sum(samples) / max(1, len(samples)))
+                out.plain.append(tps)
+                out.plain_cpu_us.append(cpu_us)
+            else:
+                out.bridged.append(tps)
+                out.bridged_cpu_us.append(cpu_us)
+                out.notify_share.append(sum(watch.notify) / max(1, len(watch.notify)))
     return out
-
-
-def _pgbench(binary: str, dsn: str, script: Path, seconds: float) -> float:
-    return workload.pgbench_run(binary, dsn, script, CLIENTS, seconds)
 
 
 def _figure(state: str, what: str, pairs: Pairs, notes: str) -> Figure:
@@ -129,13 +155,19 @@ def _figure(state: str, what: str, pairs: Pairs, notes: str) -> Figure:
     median = statistics.median(ratios)
     rng = f"pairs {min(ratios):.2f}-{max(ratios):.2f}"
     share = statistics.mean(pairs.notify_share) if pairs.notify_share else 0.0
+    cpu = pairs.cpu_ratios
+    cpu_note = (f"; backend CPU per transaction {statistics.median(pairs.bridged_cpu_us):.0f}"
+                f" vs {statistics.median(pairs.plain_cpu_us):.0f} us, ratio "
+                f"{statistics.median(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f})") if cpu else ""
     return Figure(
         f"P1.{state}", f"P1 {what}, {CLIENTS} writers, {state}",
         round(statistics.median(pairs.bridged), 1), "tps", round(statistics.median(pairs.plain), 1),
         f">= {TARGET:.2f}", median >= TARGET,
-        notes=f"{notes}; {rng}; NOTIFY on in {share:.0%} of samples",
+        notes=f"{notes}; {rng}; NOTIFY on in {share:.0%} of samples{cpu_note}",
         extra={"runs": pairs.bridged, "baseline_runs": pairs.plain, "ratios": ratios,
-               "median_ratio": median, "notify_share": pairs.notify_share})
+               "median_ratio": median, "notify_share": pairs.notify_share,
+               "cpu_us": pairs.bridged_cpu_us, "baseline_cpu_us": pairs.plain_cpu_us,
+               "cpu_ratios": cpu})
 
 
 def _scripts(workdir: Path) -> dict[str, Path]:
