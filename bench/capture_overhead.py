@@ -75,9 +75,23 @@ def _reset(dsn: str) -> None:
         conn.execute("SET session_replication_role = replica")
         for table in ("license_keys", PLAIN):
             conn.execute(f"DELETE FROM {table} WHERE activation_key NOT LIKE 'pre-%'".encode())
-        conn.execute("TRUNCATE qlm_bridge.event, qlm_bridge.attempt_log CASCADE")
+        _truncate_outbox(conn)
         conn.execute("VACUUM ANALYZE license_keys, license_keys_plain")
         conn.execute("CHECKPOINT")
+
+
+def _truncate_outbox(conn: psycopg.Connection[tuple[object, ...]], tries: int = 20) -> None:
+    """Empty the outbox, the queue and the log; a running daemon may hold their locks (or
+    deadlock with the TRUNCATE), so wait a little and try again."""
+    conn.execute("SET lock_timeout = '2s'")
+    for attempt in range(tries):
+        try:
+            conn.execute("TRUNCATE qlm_bridge.event, qlm_bridge.attempt_log CASCADE")
+            return
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2)
 
 
 def _runtime(dsn: str) -> tuple[bool, bool]:

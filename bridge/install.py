@@ -1,8 +1,9 @@
 """Render and apply install, upgrade and uninstall, each in one transaction.
 
-The SQL itself lives in `sql/`: schema_v1.sql and migrate_vN.sql (data tables, each applied
-once), capture_vN.sql (the trigger functions of a schema version) and capture.sql (the triggers,
-replaced on every install), checks.sql (pre-install checks and field names) and uninstall.sql.
+The SQL itself lives in `sql/`: schema_v1.sql and the migrations in MIGRATIONS (data tables,
+each applied once), capture_vN.sql (the trigger functions of a schema version, CAPTURE) and
+capture.sql (the triggers, replaced on every install), checks.sql (pre-install checks and field
+names) and uninstall.sql.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from bridge.config import ActivationRule, Config
 from bridge.errors import ConfigError, DatabaseUnavailable, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> file that brings a database from version-1 to version.
-MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_v2.sql"}
+MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_engine.sql", 3: "migrate_v3.sql"}
 # version -> the capture functions written for it (a version not listed keeps the last one)
-CAPTURE: dict[int, str] = {1: "capture_v1.sql", 2: "capture_v2.sql"}
+CAPTURE: dict[int, str] = {1: "capture_v1.sql", 3: "capture_v2.sql"}
 LOCK_KEY = 0x514C4D42  # 'QLMB': serialises concurrent installs
 
 
@@ -138,7 +139,7 @@ def _field_names(config: Config, version: int) -> list[str]:
               ("customer", "customers", config.capture.customers))
     out = []
     for kind, _, table in tables:
-        for block in ("field_map", "field_types") if version >= 2 else ("field_map",):
+        for block in ("field_map", "field_types") if version >= 3 else ("field_map",):
             out.append(sql.render(blocks[block], schema=schema, kind=sql.quote_literal(kind),
                                   qualified=sql.quote_literal(table.qualified())))
     qlm = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]

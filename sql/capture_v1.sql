@@ -1,6 +1,6 @@
 -- Capture trigger functions of bridge schema version 1 (to_jsonb rows, `previous` computed by the
 -- writer). Kept so that install can render a version-1 database (bridge/install.py: CAPTURE,
--- used by the upgrade tests); current installs use capture_v2.sql. Placeholders as in
+-- used by the upgrade tests); installs from schema version 3 on use capture_v2.sql. Placeholders as in
 -- capture_v2.sql.
 
 -- name: license_function

@@ -1,4 +1,4 @@
--- Capture trigger functions, bridge schema version 2. Rendered by bridge/install.py:
+-- Capture trigger functions version 2, for bridge schema version 3 on. Rendered by bridge/install.py:
 --   __SCHEMA__       quoted bridge schema        __CHANNEL__     NOTIFY channel, as a literal
 --   __FUNC__         quoted function name (capture_license_v1 / capture_customer_v1: the names
 --                    on users' tables stay; only the bodies change)
@@ -9,7 +9,7 @@
 -- The writer pays for as little as possible: one row_to_json per row (two for an UPDATE that
 -- becomes an event), into json columns (no jsonb is built: that was most of the cost), one
 -- INSERT and one read of the runtime row. The event type is decided here from OLD/NEW directly;
--- `previous`, the payload field names and UTC times are left to the daemon (migrate_v2.sql:
+-- `previous`, the payload field names and UTC times are left to the daemon (migrate_v3.sql:
 -- payload_info_v2, payload_previous_v2). A no-op UPDATE emits nothing: `NEW *= OLD` compares
 -- the two rows' stored images (works for every column type, json included), before any JSON
 -- is built.

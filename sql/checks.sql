@@ -53,7 +53,7 @@ ON CONFLICT (kind, column_name) DO UPDATE SET position = EXCLUDED.position
  WHERE __SCHEMA__.field_map.position IS DISTINCT FROM EXCLUDED.position;
 
 -- name: field_types
--- Schema version 2 on: each column's type (domains resolved), so the daemon renders timestamptz
+-- Schema version 3 on: each column's type (domains resolved), so the daemon renders timestamptz
 -- values in UTC. Refreshed by every install (only where it differs).
 UPDATE __SCHEMA__.field_map f SET type_name = t.type_name
   FROM (SELECT a.attname, __SCHEMA__.base_type_v2(a.atttypid) AS type_name

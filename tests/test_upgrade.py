@@ -1,4 +1,4 @@
-"""Upgrade in place: a database installed by the previous release (bridge schema version 1) with
+"""Upgrade in place: a database installed by the released version (bridge schema 1, also 2) with
 work in every state is upgraded by `qlm-bridge install`; a daemon then delivers every pending
 and retrying delivery exactly once, failed ones stay failed (and replay), the log carries over,
 and version-1 events render exactly as the same change captured after the upgrade."""
@@ -85,15 +85,15 @@ def _comparable(body: dict[str, Any]) -> dict[str, Any]:
             "Previous": body.get("Previous")}
 
 
-async def _upgrade(db: Db, tmp_path: Path) -> None:
+async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     rx = await Receiver().start()
     url = rx.url("/hook")
     events = {"license_created": [url], "license_activated": [url]}
     cfg = db.config(webhooks={"events": events})
 
-    # the previous release's schema, with work in every state
-    install.install(cfg, sample_schema=True, target=1)
-    assert db.query("SELECT version FROM qlm_bridge.version") == [(1,)]
+    # an earlier schema (1: the released one), with work in every state
+    install.install(cfg, sample_schema=True, target=from_version)
+    assert db.scalar("SELECT max(version) FROM qlm_bridge.version") == from_version
     assert db.query("SELECT sleeping, sleeping_until FROM qlm_bridge.runtime") == [(True, None)]
     _write(db, KEYS, activate="PENDING")
     with psycopg.connect(db.dsn, autocommit=True) as conn:
@@ -105,8 +105,9 @@ async def _upgrade(db: Db, tmp_path: Path) -> None:
     done = cli("install", "--config", str(write_config(tmp_path / "c.yaml", db.dsn,
                                                        webhooks={"events": events})))
     assert done.returncode == 0, done.stderr
-    assert "upgraded bridge schema 'qlm_bridge' from version 1 to 2" in done.stdout
-    assert db.query("SELECT version FROM qlm_bridge.version ORDER BY 1") == [(1,), (2,)]
+    assert (f"upgraded bridge schema 'qlm_bridge' from version {from_version} to "
+            f"{install.SCHEMA_VERSION}") in done.stdout
+    assert db.scalar("SELECT max(version) FROM qlm_bridge.version") == install.SCHEMA_VERSION
     # nothing in flight was touched, and writers no longer NOTIFY with nobody listening
     assert _table(db, "delivery") == deliveries and _table(db, "attempt_log") == log
     assert db.query("SELECT sleeping FROM qlm_bridge.runtime") == [(False,)]
@@ -127,7 +128,7 @@ async def _upgrade(db: Db, tmp_path: Path) -> None:
     bodies = _bodies(rx)
     assert set(bodies) == due  # nothing delivered or failed before is sent again
 
-    # version-1 events render exactly as the same change captured by version 2, in UTC
+    # version-1 events render exactly as the same change captured after the upgrade, in UTC
     for event_type in ("license_created", "license_activated"):
         old, new = bodies[(event_type, "PENDING")], bodies[(event_type, "AFTER")]
         assert _comparable(old) == _comparable(new)
@@ -166,8 +167,10 @@ async def _upgrade(db: Db, tmp_path: Path) -> None:
     assert (info["ProductID"], info["ExpiryDate"]) == (7, "2026-01-15T12:00:00.000000Z")
 
 
-def test_a_version_1_database_upgrades_with_work_in_flight(empty_db: Db, tmp_path: Path) -> None:
-    asyncio.run(_upgrade(empty_db, tmp_path))
+@pytest.mark.parametrize("from_version", [1, 2])
+def test_an_earlier_database_upgrades_with_work_in_flight(empty_db: Db, tmp_path: Path,
+                                                         from_version: int) -> None:
+    asyncio.run(_upgrade(empty_db, tmp_path, from_version))
 
 
 def test_a_version_1_daemon_cannot_send_empty_rows_after_the_upgrade(db: Db) -> None:

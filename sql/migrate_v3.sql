@@ -1,8 +1,9 @@
--- qlm-webhook-bridge schema, version 2: capture that costs the writer little.
+-- qlm-webhook-bridge schema, version 3: capture that costs the writer little.
 -- Rendered by bridge/install.py (__SCHEMA__ is the quoted bridge schema name) and applied once,
--- inside the installer's transaction, after schema_v1.sql (fresh install) or on a version-1
--- database (upgrade in place). Every statement here is a catalog change or touches one row:
--- the event table is not rewritten, so upgrading a big outbox takes no time and no long lock.
+-- inside the installer's transaction, after the earlier versions (fresh install) or on a
+-- version-1 or -2 database (upgrade in place). Every statement here is a catalog change or
+-- touches one row: the event table is not rewritten, so upgrading a big outbox takes no time
+-- and no long lock.
 --
 -- What changes:
 --   * The triggers no longer build jsonb nor compute `previous` in the writer's transaction.
@@ -10,7 +11,7 @@
 --     UPDATE the whole old row in event.old_data; the daemon derives `previous` (the old values
 --     of the changed columns), the payload field names and UTC times when it claims a delivery
 --     (payload_info_v2 / payload_previous_v2 below).
---   * Events captured by version 1 keep their jsonb text in row_data_v1 / previous_v1 (renamed,
+--   * Events captured before (schema versions 1 and 2) keep their jsonb text in row_data_v1 / previous_v1 (renamed,
 --     not converted) and render exactly as before. Renaming also stops a version-1 daemon left
 --     running against an upgraded schema: its claim no longer compiles, so it sends nothing
 --     rather than an empty LicenseInfo.
@@ -36,12 +37,12 @@ COMMENT ON COLUMN __SCHEMA__.event.row_data IS
 COMMENT ON COLUMN __SCHEMA__.event.old_data IS
     'UPDATE only: row_to_json of the row before the change';
 COMMENT ON COLUMN __SCHEMA__.event.row_data_v1 IS
-    'events captured by schema version 1: the row as jsonb';
+    'events captured by schema versions 1-2: the row as jsonb';
 COMMENT ON COLUMN __SCHEMA__.event.previous_v1 IS
-    'events captured by schema version 1: old values of the changed columns, as jsonb';
+    'events captured by schema versions 1-2: old values of the changed columns, as jsonb';
 
 ALTER TABLE __SCHEMA__.runtime ALTER COLUMN sleeping SET DEFAULT false;
--- version 1 left sleeping = true with no expiry on a database where no daemon had run yet
+-- versions 1-2 left sleeping = true with no expiry on a database where no daemon had run yet
 UPDATE __SCHEMA__.runtime SET sleeping = false WHERE id = 1 AND sleeping_until IS NULL;
 COMMENT ON COLUMN __SCHEMA__.runtime.sleeping_until IS
     'writers NOTIFY while sleeping and now() < sleeping_until; NULL: they do not';
@@ -152,4 +153,4 @@ LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_
         ON f.kind = payload_previous_v2.kind AND f.column_name = j.key
 $qlm_bridge$;
 
-INSERT INTO __SCHEMA__.version (version) VALUES (2);
+INSERT INTO __SCHEMA__.version (version) VALUES (3);
