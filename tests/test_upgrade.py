@@ -65,8 +65,15 @@ def _write(db: Db, keys: tuple[str, ...], activate: str) -> None:
                      (activate,))
 
 
+# the columns of version 1 (later versions add some)
+COLUMNS = {"delivery": "id, event_id, url, state, attempts, next_attempt_at, locked_by, "
+                       "locked_until, last_status, last_error, created_at, updated_at",
+           "attempt_log": "id, delivery_id, event_id, event_type, url, attempt, started_at, "
+                          "duration_ms, http_status, error, response_body, daemon_id"}
+
+
 def _table(db: Db, name: str) -> list[tuple[Any, ...]]:
-    return db.query(f"SELECT * FROM qlm_bridge.{name} ORDER BY id")
+    return db.query(f"SELECT {COLUMNS[name]} FROM qlm_bridge.{name} ORDER BY id")
 
 
 def _bodies(rx: Receiver) -> dict[tuple[str, str], dict[str, Any]]:
