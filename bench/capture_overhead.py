@@ -6,9 +6,12 @@ with the capture triggers, as a ratio to a trigger-free copy of it in the same d
   stopped   a daemon ran, went idle, and was stopped gracefully (SIGTERM)
   running   a daemon is running and busy, delivering every captured row to a receiver
 
-plus the activation UPDATE (two rows turned into JSON) with the daemon stopped. Each ratio's two
+plus the activation UPDATE (two rows turned into JSON) with the daemon stopped, and (no target,
+to read the running state by) the INSERT with NOTIFY forced on and no daemon. Each ratio's two
 sides run back to back, in alternating order, `reps` times (the machine is shared: compare only
-figures of one run); the figure is the median, the notes give the range of the per-pair ratios.
+figures of one run); the figure is the median, the notes give the range of the per-pair ratios,
+how often writers had NOTIFY on, and the writers' backend CPU per transaction (read from /proc
+while pgbench runs: a ratio that other load on the machine disturbs far less than TPS).
 
     python -m bench --only P1 --dsn postgresql://postgres@127.0.0.1:5432/postgres
     python -m bench.capture_overhead --dsn ...        # the same, P1 only
@@ -16,6 +19,7 @@ figures of one run); the figure is the median, the notes give the range of the p
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import threading
@@ -92,6 +96,14 @@ def _truncate_outbox(conn: psycopg.Connection[tuple[object, ...]], tries: int = 
             if attempt == tries - 1:
                 raise
             time.sleep(0.2)
+
+
+def _set_notify(dsn: str, on: bool) -> None:
+    """Force the NOTIFY flag as an idle daemon sets it (on, an hour ahead) or as a stopped one
+    leaves it (off)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE qlm_bridge.runtime SET sleeping = %s, sleeping_until = "
+                     "CASE WHEN %s THEN now() + interval '1 hour' END", (on, on))
 
 
 def _runtime(dsn: str) -> tuple[bool, bool]:
@@ -234,6 +246,15 @@ def p1_capture(ctx: Ctx) -> list[Figure]:
                                    pairs, f"daemon stopped gracefully (sleeping={state[0]})"))
             ctx.log(f"  {figures[-1].figure}: ratio {figures[-1].ratio:.2f} "
                     f"({figures[-1].notes})")
+
+        # what NOTIFY costs (for reading the running state): the flag forced on, no daemon
+        _set_notify(dsn, True)
+        pairs = _pairs(ctx, dsn, scripts, "insert")
+        _set_notify(dsn, False)
+        figures.append(_figure("notify", "single-row INSERT", pairs,
+                               "no daemon, NOTIFY forced on (diagnostic, no target)"))
+        figures[-1] = dataclasses.replace(figures[-1], target="-", met=None)
+        ctx.log(f"  {figures[-1].figure}: ratio {figures[-1].ratio:.2f} ({figures[-1].notes})")
 
         # a daemon running, delivering every captured row
         ctx.rx.reset()
