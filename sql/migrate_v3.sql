@@ -70,34 +70,38 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp A
       FROM resolved r JOIN pg_type t ON t.oid = r.oid
 $qlm_bridge$;
 
--- A timestamptz as the payload writes every time: UTC, microseconds, 'Z', the form of the
--- body's Timestamp (2026-01-15T12:00:00.000000Z), as a JSON string. infinity and years outside
--- 1-9999 (which that form cannot hold) come as PostgreSQL writes the UTC time.
-CREATE FUNCTION __SCHEMA__.utc_v2(ts timestamptz) RETURNS text
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
-    SELECT CASE WHEN isfinite(ts) AND extract(year FROM ts AT TIME ZONE 'UTC') BETWEEN 1 AND 9999
-                THEN '"' || to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'
-                ELSE to_json(ts AT TIME ZONE 'UTC')::text END
+-- A captured timestamptz (its JSON text, e.g. "2026-01-15T17:30:00+05:30") as the payload
+-- writes every time: UTC, microseconds, 'Z', the form of the body's Timestamp
+-- ("2026-01-15T12:00:00.000000Z"). Anything else (infinity, BC dates, a value that is no
+-- timestamptz because the column's type changed after install) is left as captured, so a claim
+-- never fails on it (checked with LIKE and translate: a regular expression cost more than the
+-- conversion). Plain SQL without SET, so the planner inlines it into the payload functions.
+CREATE FUNCTION __SCHEMA__.utc_v2(value text) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $qlm_bridge$
+    SELECT CASE WHEN value OPERATOR(pg_catalog.~~)
+                         ('"____-__-__' OPERATOR(pg_catalog.||) 'T__:__:__%')
+                     AND pg_catalog.translate(pg_catalog.substr(value, 2, 19), '0123456789', '')
+                         OPERATOR(pg_catalog.=) '--T::'
+                     AND pg_catalog.translate(pg_catalog.substr(value, 21), '0123456789:.', '')
+                         OPERATOR(pg_catalog.=) ANY ('{"+\"","-\""}'::text[])
+                THEN '"' OPERATOR(pg_catalog.||) pg_catalog.to_char(
+                         pg_catalog.timezone('UTC', pg_catalog.btrim(value, '"')::timestamptz),
+                         'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') OPERATOR(pg_catalog.||) '"'
+                ELSE value END
 $qlm_bridge$;
 
--- One captured value (JSON text) as the payload writes it: timestamptz values, and the elements
--- of timestamptz arrays, in UTC (utc_v2); everything else exactly as captured, so numbers keep
--- every digit. A value that does not look like a timestamptz (the column's type changed after
--- install) is left as it is rather than failing the claim.
-CREATE FUNCTION __SCHEMA__.payload_value_v2(value text, type_name text) RETURNS text
+-- Arrays of timestamptz (nested arrays too): each element through utc_v2.
+CREATE FUNCTION __SCHEMA__.utc_array_v2(value text) RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
 BEGIN
-    IF type_name = 'timestamp with time zone'
-       AND value ~ '^"(-?infinity|[0-9]{4,}-[0-9]{2}-[0-9]{2}T[0-9:.]+[+-][0-9:]+( BC)?)"$' THEN
-        RETURN __SCHEMA__.utc_v2(btrim(value, '"')::timestamptz);
-    ELSIF type_name = 'timestamp with time zone[]' AND left(value, 1) = '[' THEN
-        RETURN (SELECT '[' || coalesce(string_agg(
-                    __SCHEMA__.payload_value_v2(e.value::text,
-                        CASE WHEN json_typeof(e.value) = 'array' THEN type_name
-                             ELSE 'timestamp with time zone' END), ',' ORDER BY e.n), '') || ']'
-                  FROM json_array_elements(value::json) WITH ORDINALITY AS e(value, n));
+    IF left(value, 1) <> '[' THEN
+        RETURN value;
     END IF;
-    RETURN value;
+    RETURN (SELECT '[' || coalesce(string_agg(
+                CASE WHEN json_typeof(e.value) = 'array'
+                     THEN __SCHEMA__.utc_array_v2(e.value::text)
+                     ELSE __SCHEMA__.utc_v2(e.value::text) END, ',' ORDER BY e.n), '') || ']'
+              FROM json_array_elements(value::json) WITH ORDINALITY AS e(value, n));
 END
 $qlm_bridge$;
 
@@ -122,14 +126,13 @@ RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
     SELECT '{' || string_agg(
                to_json(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)))::text
-               || ':' || CASE WHEN f.type_name LIKE 'timestamp with time zone%'
-                              THEN __SCHEMA__.payload_value_v2(j.value, f.type_name)
-                              ELSE j.value END,
-               ',' ORDER BY f.position, j.n, j.key) || '}'
-      FROM (SELECT r.key, r.value::text, r.n FROM json_each(row_data) WITH ORDINALITY AS r(key, value, n)
-            UNION ALL
-            SELECT r.key, r.value::text, NULL FROM jsonb_each(row_data_v1) AS r(key, value)
-           ) AS j(key, value, n)
+               || ':' || CASE f.type_name
+                              WHEN 'timestamp with time zone' THEN __SCHEMA__.utc_v2(j.value::text)
+                              WHEN 'timestamp with time zone[]'
+                                  THEN __SCHEMA__.utc_array_v2(j.value::text)
+                              ELSE j.value::text END,
+               ',' ORDER BY f.position, j.n) || '}'
+      FROM json_each(coalesce(row_data, row_data_v1::json)) WITH ORDINALITY AS j(key, value, n)
       LEFT JOIN __SCHEMA__.field_map f ON f.kind = payload_info_v2.kind AND f.column_name = j.key
 $qlm_bridge$;
 
@@ -141,8 +144,10 @@ RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
     SELECT '{' || string_agg(
                to_json(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)))::text
-               || ':' || CASE WHEN f.type_name LIKE 'timestamp with time zone%'
-                              THEN __SCHEMA__.payload_value_v2(j.value, f.type_name)
+               || ':' || CASE f.type_name
+                              WHEN 'timestamp with time zone' THEN __SCHEMA__.utc_v2(j.value)
+                              WHEN 'timestamp with time zone[]'
+                                  THEN __SCHEMA__.utc_array_v2(j.value)
                               ELSE j.value END,
                ',' ORDER BY f.position, j.n, j.key) || '}'
       FROM (SELECT c.key, c.value, c.n FROM __SCHEMA__.changed_v2(row_data, old_data) AS c
