@@ -317,7 +317,7 @@ class Daemon:
 def write_config(workdir: Path, data: dict[str, Any]) -> Path:
     path = Path(tempfile.mkstemp(prefix="bench-", suffix=".yaml", dir=workdir)[1])
     path.write_text(yaml.safe_dump(data))
-    config_mod.load(str(path))  # fail early on a bad bench config
+    config_mod.load_sites(str(path))  # fail early on a bad bench config
     return path
 
 

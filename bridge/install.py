@@ -8,6 +8,7 @@ names) and uninstall.sql.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -126,6 +127,24 @@ def _capture(config: Config, version: int) -> list[str]:
     return out
 
 
+def key_index_name(column: str) -> str:
+    """The name of the console's index on one capture key column (a hash keeps it short)."""
+    return f"event_key_{hashlib.sha256(column.encode()).hexdigest()[:10]}_idx"
+
+
+def _console_indexes(config: Config) -> list[str]:
+    """The web console's indexes (sql/console.sql), created when missing by every install."""
+    blocks = sql.blocks("console.sql")
+    schema = sql.quote_ident(config.database.schema_name)
+    out = [sql.render(blocks["open_index"], schema=schema)]
+    columns = dict.fromkeys((*config.capture.licenses.key, *config.capture.customers.key))
+    for column in columns:
+        out.append(sql.render(blocks["key_index"], schema=schema,
+                              name=sql.quote_ident(key_index_name(column)),
+                              column=sql.quote_literal(column)))
+    return out
+
+
 def _funcref(config: Config, func: str) -> str:
     """``'"schema"."func"()'``: a capture function's signature as a literal for to_regprocedure."""
     schema = sql.quote_ident(config.database.schema_name)
@@ -175,8 +194,10 @@ def render_install(config: Config, from_version: int | None, sample_schema: bool
     parts += _checks(config)
     schema = sql.quote_ident(config.database.schema_name)
     for version in range(1 if from_version is None else from_version + 1, target + 1):
-        parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema))
+        parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema,
+                                eventtable=sql.quote_literal(f"{schema}.event")))
     parts += _capture(config, target)
+    parts += _console_indexes(config)
     parts += _field_names(config, target)
     return Plan(from_version, target, "\n".join(parts))
 

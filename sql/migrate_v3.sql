@@ -23,6 +23,19 @@
 --   * field_map.type_name: each column's type (domains resolved to their base type), written
 --     by install, so the daemon knows which values are timestamptz.
 
+-- The console's key indexes (console.sql: key_index) of an earlier install follow the renamed
+-- column; drop them, and install creates them again over both row layouts.
+DO $qlm_bridge$
+DECLARE
+    i regclass;
+BEGIN
+    FOR i IN SELECT x.indexrelid::regclass FROM pg_catalog.pg_index x
+              WHERE x.indrelid = pg_catalog.to_regclass(__EVENTTABLE__) AND x.indexprs IS NOT NULL
+    LOOP
+        EXECUTE pg_catalog.format('DROP INDEX %s', i);
+    END LOOP;
+END
+$qlm_bridge$;
 ALTER TABLE __SCHEMA__.event RENAME COLUMN row_data TO row_data_v1;
 ALTER TABLE __SCHEMA__.event RENAME COLUMN previous TO previous_v1;
 ALTER TABLE __SCHEMA__.event ALTER COLUMN row_data_v1 DROP NOT NULL;
