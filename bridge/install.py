@@ -197,7 +197,8 @@ def render_install(config: Config, from_version: int | None, sample_schema: bool
         parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema,
                                 eventtable=sql.quote_literal(f"{schema}.event")))
     parts += _capture(config, target)
-    parts += _console_indexes(config)
+    if target >= 3:  # the console's indexes read the event row as schema version 3 has it
+        parts += _console_indexes(config)
     parts += _field_names(config, target)
     return Plan(from_version, target, "\n".join(parts))
 

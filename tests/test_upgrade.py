@@ -107,6 +107,9 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
         conn.execute(STATES.replace("__URL__", sql.quote_literal(url)).encode())
     deliveries, log = _table(db, "delivery"), _table(db, "attempt_log")
     assert len(deliveries) == 6 and len(log) == 5
+    if from_version == 2:  # the console's key index as an install of version 2 created it
+        db.execute("CREATE INDEX event_key_old_idx ON qlm_bridge.event "
+                   "((row_data ->> 'activation_key'))")
 
     # upgrade in place with the command an operator runs
     done = cli("install", "--config", str(write_config(tmp_path / "c.yaml", db.dsn,
@@ -120,6 +123,10 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     assert db.query("SELECT sleeping FROM qlm_bridge.runtime") == [(False,)]
     assert db.scalar("SELECT count(*) FROM qlm_bridge.event WHERE row_data_v1 IS NOT NULL "
                      "AND row_data IS NULL") == 7
+    # the console's key indexes read both row layouts (an earlier one was replaced)
+    keyed = db.query("SELECT indexdef FROM pg_indexes WHERE schemaname = 'qlm_bridge' "
+                     "AND tablename = 'event' AND indexdef LIKE '%->>%'")
+    assert len(keyed) == 2 and all("row_data_v1" in d and "COALESCE" in d for (d,) in keyed)
 
     # the same changes captured by the upgraded triggers
     _write(db, ("AFTER",), activate="AFTER")
