@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import web
+from campaign import FaultReceiver, self_signed_cert, server_ssl
 from conftest import Db
 
 from bridge import ops
@@ -456,7 +457,7 @@ def test_send_test_failures(db: Db, receiver: Receiver) -> None:
     assert (redirect.ok, redirect.status) == (False, 302)
     assert redirect.location == receiver.url("/ok")
     assert "not followed" in ops.format_send_result(redirect)
-    assert slow.status is None and "timed out after 0.3 s" in (slow.error or "")
+    assert slow.status is None and "timeout after 0.3 s" in (slow.error or "")
     assert [p for p, _, _ in receiver.requests] == ["/fail", "/redirect", "/slow"]  # no /ok
     assert json.loads(receiver.requests[0][2])["CustomerInfo"]["FullName"] == "Test Customer"
 
@@ -465,6 +466,34 @@ def test_send_test_connection_refused(db: Db) -> None:
     [result] = ops.send_test(["http://127.0.0.1:1/hook"], "license_created", db.config())
     assert not result.ok and result.status is None
     assert "ClientConnectorError" in (result.error or "")
+
+
+def test_send_test_honours_block_private_addresses(db: Db, receiver: Receiver) -> None:
+    """send-test goes through the daemon's HTTP client, guard included."""
+    cfg = db.config(webhooks={"block_private_addresses": True})
+    [result] = ops.send_test([receiver.url("/ok")], "license_created", cfg)
+    assert result.status is None and "blocked" in (result.error or "")
+    assert receiver.requests == []
+
+
+def test_send_test_verifies_tls_and_honours_ca_bundle(db: Db, tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+
+    async def run() -> tuple[ops.SendResult, ops.SendResult, int]:
+        tls = await FaultReceiver(ssl_context=server_ssl(cert, key)).start()
+        try:
+            [refused] = await asyncio.to_thread(ops.send_test, [tls.url("/t")],
+                                                "license_created", db.config())
+            [trusted] = await asyncio.to_thread(
+                ops.send_test, [tls.url("/t")], "license_created",
+                db.config(webhooks={"ca_bundle": str(cert)}))
+        finally:
+            await tls.stop()
+        return refused, trusted, tls.counts["/t"]
+
+    refused, trusted, reached = asyncio.run(run())
+    assert refused.status is None and "CERTIFICATE_VERIFY_FAILED" in (refused.error or "")
+    assert trusted.ok and reached == 1
 
 
 def test_send_test_cli(db: Db, receiver: Receiver, tmp_path: Path) -> None:
@@ -490,6 +519,14 @@ webhooks:
     assert len(receiver.requests) == 3
 
 
+def test_send_test_cli_says_when_unsigned(db: Db, receiver: Receiver, tmp_path: Path) -> None:
+    path = write_config(tmp_path, db, "webhooks: {timeout: 2}\n")
+    result = run_cli("send-test", "--config", str(path), receiver.url("/ok"))
+    assert result.returncode == 0, result.stderr
+    assert f"note: no secret_key for {receiver.url('/ok')}; unsigned" in result.stderr
+    assert "X-QLM-Signature" not in receiver.requests[-1][1]
+
+
 def test_config_fixture_is_signed(db: Db) -> None:
     cfg: Config = db.config()
-    assert cfg.webhooks.secret_key == SECRET
+    assert cfg.webhooks.secret_key == (SECRET,)
