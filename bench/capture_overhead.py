@@ -1,214 +1,281 @@
-"""Capture write overhead: single-row INSERT TPS into `license_keys` with the capture triggers
-installed vs an identical table without them, measured with pgbench.
+"""P1, capture write overhead: pgbench TPS of single-row INSERTs (4 writers) into `license_keys`
+with the capture triggers, as a ratio to a trigger-free copy of it in the same database
+(`CREATE TABLE ... (LIKE license_keys INCLUDING ALL)`), in the three states a bridge is in:
 
-Variants, each run for the same time with the same pgbench script:
-  plain     an identical table (same columns, defaults, key, foreign key) without triggers
-  awake     the capture triggers, runtime.sleeping = false (event row, no NOTIFY)
-  sleeping  the capture triggers, runtime.sleeping = true (event row + NOTIFY, a listener is
-            connected and draining, as the daemon would be)
+  fresh     installed, no daemon has ever run (runtime as install left it)
+  stopped   a daemon ran, went idle, and was stopped gracefully (SIGTERM)
+  running   a daemon is running and busy, delivering every captured row to a receiver
 
-    python -m bench.capture_overhead                 # embedded PostgreSQL 18 (fsync off)
-    python -m bench.capture_overhead --dsn postgresql://postgres@127.0.0.1:5432/postgres
-    python -m bench.capture_overhead --seconds 5 --clients 1,4 --json
+plus the activation UPDATE (two rows turned into JSON) with the daemon stopped, and (no target,
+to read the running state by) the INSERT with NOTIFY forced on and no daemon. Each ratio's two
+sides run back to back, in alternating order, `reps` times (the machine is shared: compare only
+figures of one run); the figure is the median, the notes give the range of the per-pair ratios,
+how often writers had NOTIFY on, and the writers' backend CPU per transaction (read from /proc
+while pgbench runs: a ratio that other load on the machine disturbs far less than TPS).
 
-`measure()` is importable for the benchmark harness: it returns one Result per (clients,
-variant) and leaves nothing behind (its database is dropped).
+    python -m bench --only P1 --dsn postgresql://postgres@127.0.0.1:5432/postgres
+    python -m bench.capture_overhead --dsn ...        # the same, P1 only
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import shutil
-import subprocess
+import dataclasses
+import statistics
 import sys
-import tempfile
 import threading
-import uuid
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
-if __package__ in (None, ""):  # run as a script: make `bridge` importable from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import env, workload
+from bench.scenarios import Ctx, Figure
 
-from bridge import config as config_mod
-from bridge import install
-from bridge.embedded import EmbeddedPostgres
-
-VARIANTS = ("plain", "awake", "sleeping")
-PLAIN_TABLE = "license_keys_plain"
-# One unique activation key per transaction; the same statement for every variant.
-SCRIPT = ("INSERT INTO {table} (activation_key, product_id, product_name) "
-          "VALUES (md5(random()::text || clock_timestamp()::text), 1, 'Pro');\n")
+PLAIN = "license_keys_plain"
+CLIENTS = 4
+PRELOAD = 20_000  # rows the activation UPDATE picks from ('pre-1' .. 'pre-N'), in both tables
+TARGET = 0.70
 SETUP = f"""
-CREATE TABLE {PLAIN_TABLE} (LIKE license_keys INCLUDING ALL);
-ALTER TABLE {PLAIN_TABLE} ADD FOREIGN KEY (customer_id) REFERENCES customers ON DELETE SET NULL;
+CREATE TABLE {PLAIN} (LIKE license_keys INCLUDING ALL);
+ALTER TABLE {PLAIN} ADD FOREIGN KEY (customer_id) REFERENCES customers ON DELETE SET NULL;
+INSERT INTO {PLAIN} (activation_key, product_id, num_licenses, available_licenses)
+SELECT 'pre-' || g, 7, 1000000, 1000000 FROM generate_series(1, {PRELOAD}) g;
+INSERT INTO license_keys SELECT * FROM {PLAIN};
+TRUNCATE qlm_bridge.event CASCADE;
 """
-_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class Result:
-    clients: int
-    variant: str
-    tps: float
-    events: int
+@dataclass
+class Pairs:
+    """TPS of both sides, measured pairwise."""
+
+    plain: list[float] = field(default_factory=list)
+    bridged: list[float] = field(default_factory=list)
+    notify_share: list[float] = field(default_factory=list)  # of samples with NOTIFY on
+    # CPU of the writers' backends per transaction, microseconds: less sensitive than TPS to
+    # what else runs on a shared machine
+    plain_cpu_us: list[float] = field(default_factory=list)
+    bridged_cpu_us: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [b / p for b, p in zip(self.bridged, self.plain, strict=True)]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        """plain CPU per transaction / bridged: the TPS ratio a CPU-bound server would see."""
+        return [p / b for b, p in zip(self.bridged_cpu_us, self.plain_cpu_us, strict=True)
+                if b > 0]
 
 
-def _dsn(admin_dsn: str, database: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(admin_dsn)
-    info["dbname"] = database
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+def _reset(dsn: str) -> None:
+    """Back to the preloaded state (no trigger fires: replica role), outbox and queue empty, a
+    checkpoint, so every run starts from the same table and index sizes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        for table in ("license_keys", PLAIN):
+            conn.execute(f"DELETE FROM {table} WHERE activation_key NOT LIKE 'pre-%'".encode())
+        _truncate_outbox(conn)
+        conn.execute("VACUUM ANALYZE license_keys, license_keys_plain")
+        conn.execute("CHECKPOINT")
 
 
-def _admin(admin_dsn: str, statement: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(statement.encode())
+def _truncate_outbox(conn: psycopg.Connection[tuple[object, ...]], tries: int = 20) -> None:
+    """Empty the outbox, the queue and the log; a running daemon may hold their locks (or
+    deadlock with the TRUNCATE), so wait a little and try again."""
+    conn.execute("SET lock_timeout = '2s'")
+    for attempt in range(tries):
+        try:
+            conn.execute("TRUNCATE qlm_bridge.event, qlm_bridge.attempt_log CASCADE")
+            return
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+
+
+def _set_notify(dsn: str, on: bool) -> None:
+    """Force the NOTIFY flag as an idle daemon sets it (on, an hour ahead) or as a stopped one
+    leaves it (off)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE qlm_bridge.runtime SET sleeping = %s, sleeping_until = "
+                     "CASE WHEN %s THEN now() + interval '1 hour' END", (on, on))
+
+
+def _runtime(dsn: str) -> tuple[bool, bool]:
+    """(sleeping, writers notify now)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT sleeping, coalesce(sleeping AND sleeping_until > now(), "
+                           "false) FROM qlm_bridge.runtime").fetchone()
+    assert row is not None
+    return bool(row[0]), bool(row[1])
+
+
+@dataclass
+class Watch:
+    """What a pgbench run did besides its TPS: whether writers had NOTIFY on (one sample per
+    tick) and the CPU seconds of each pgbench backend (the last reading before it ended)."""
+
+    notify: list[bool] = field(default_factory=list)
+    cpu: dict[int, float] = field(default_factory=dict)
 
 
 @contextmanager
-def _database(admin_dsn: str) -> Iterator[str]:
-    name = f"qlmb_bench_{uuid.uuid4().hex[:8]}"
-    _admin(admin_dsn, f"CREATE DATABASE {name}")
-    try:
-        dsn = _dsn(admin_dsn, name)
-        install.install(config_mod.parse({"database": {"dsn": dsn}}, "<bench>", env={}),
-                        sample_schema=True)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SETUP.encode())
-        yield dsn
-    finally:
-        _admin(admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@contextmanager
-def _listener(dsn: str, channel: str) -> Iterator[None]:
-    """A connection that LISTENs and drains, as the daemon's listener would."""
+def _watching(dsn: str, every: float = 0.1) -> Iterator[Watch]:
+    """Sample the NOTIFY flag and the pgbench backends' CPU while the block runs (only this
+    database's backends: other work on a shared server does not count)."""
+    watch = Watch()
     stop = threading.Event()
-    ready = threading.Event()
 
     def run() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'LISTEN "{channel}"'.encode())
-            ready.set()
             while not stop.is_set():
-                for _ in conn.notifies(timeout=0.2):
-                    pass
+                row = conn.execute("SELECT coalesce(sleeping AND sleeping_until > now(), false)"
+                                   " FROM qlm_bridge.runtime").fetchone()
+                watch.notify.append(bool(row and row[0]))
+                for (pid,) in conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name = 'pgbench'").fetchall():
+                    seconds = env.cpu_seconds(pid)
+                    if seconds:
+                        watch.cpu[pid] = seconds
+                stop.wait(every)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    ready.wait(10)
     try:
-        yield
+        yield watch
     finally:
         stop.set()
         thread.join(10)
 
 
-def _reset(dsn: str, sleeping: bool) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"TRUNCATE license_keys, {PLAIN_TABLE}, qlm_bridge.event, "
-                     "qlm_bridge.delivery".encode())
-        conn.execute("UPDATE qlm_bridge.runtime SET sleeping = %s", (sleeping,))
-        conn.execute(b"VACUUM ANALYZE")
-        conn.execute(b"CHECKPOINT")
-
-
-def _pgbench(pgbench: Path, dsn: str, script: Path, clients: int, jobs: int,
-             seconds: int) -> float:
-    result = subprocess.run(
-        [str(pgbench), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(jobs, clients)),
-         "-T", str(seconds), "-f", str(script), dsn],
-        capture_output=True, text=True, timeout=seconds * 4 + 60, check=False,
-    )
-    found = _TPS.search(result.stdout)
-    if result.returncode != 0 or not found:
-        raise RuntimeError(f"pgbench failed ({result.returncode}): {result.stderr.strip()}")
-    return float(found.group(1))
-
-
-def measure(admin_dsn: str, pgbench: Path, clients: Sequence[int] = (1, 4), jobs: int = 2,
-            seconds: int = 15) -> list[Result]:
-    """TPS of every (clients, variant), on a throwaway database of the server at admin_dsn."""
-    out: list[Result] = []
-    with _database(admin_dsn) as dsn, tempfile.TemporaryDirectory() as tmp, \
-            _listener(dsn, "qlm_bridge"):
-        scripts = {}
-        for table in ("license_keys", PLAIN_TABLE):
-            scripts[table] = Path(tmp) / f"{table}.sql"
-            scripts[table].write_text(SCRIPT.format(table=table), encoding="utf-8")
-        for n in clients:
-            for variant in VARIANTS:
-                _reset(dsn, sleeping=variant == "sleeping")
-                table = PLAIN_TABLE if variant == "plain" else "license_keys"
-                tps = _pgbench(pgbench, dsn, scripts[table], n, jobs, seconds)
-                with psycopg.connect(dsn) as conn:
-                    row = conn.execute("SELECT count(*) FROM qlm_bridge.event").fetchone()
-                out.append(Result(n, variant, tps, int(row[0]) if row else 0))
+def _pairs(ctx: Ctx, dsn: str, scripts: dict[str, Path], kind: str) -> Pairs:
+    out = Pairs()
+    binary = ctx.dbs.server.pgbench()
+    for rep in range(ctx.modes.p1_reps):
+        sides = ("plain", "bridged") if rep % 2 == 0 else ("bridged", "plain")
+        for side in sides:
+            _reset(dsn)
+            script = scripts[f"{kind}.{side}"]
+            seconds = ctx.modes.p1_seconds
+            with _watching(dsn) as watch:
+                tps = workload.pgbench_run(binary, dsn, script, CLIENTS, seconds)
+            cpu_us = sum(watch.cpu.values()) * 1e6 / (tps * seconds)
+            if side == "plain":
+                out.plain.append(tps)
+                out.plain_cpu_us.append(cpu_us)
+            else:
+                out.bridged.append(tps)
+                out.bridged_cpu_us.append(cpu_us)
+                out.notify_share.append(sum(watch.notify) / max(1, len(watch.notify)))
     return out
 
 
-def ratios(results: Sequence[Result]) -> dict[int, dict[str, float]]:
-    """variant TPS / plain TPS, per client count."""
-    out: dict[int, dict[str, float]] = {}
-    for r in results:
-        plain = next(p.tps for p in results if p.clients == r.clients and p.variant == "plain")
-        out.setdefault(r.clients, {})[r.variant] = r.tps / plain
+def _figure(state: str, what: str, pairs: Pairs, notes: str) -> Figure:
+    ratios = pairs.ratios
+    median = statistics.median(ratios)
+    rng = f"pairs {min(ratios):.2f}-{max(ratios):.2f}"
+    share = statistics.mean(pairs.notify_share) if pairs.notify_share else 0.0
+    cpu = pairs.cpu_ratios
+    cpu_note = (f"; backend CPU per transaction {statistics.median(pairs.bridged_cpu_us):.0f}"
+                f" vs {statistics.median(pairs.plain_cpu_us):.0f} us, ratio "
+                f"{statistics.median(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f})") if cpu else ""
+    return Figure(
+        f"P1.{state}", f"P1 {what}, {CLIENTS} writers, {state}",
+        round(statistics.median(pairs.bridged), 1), "tps", round(statistics.median(pairs.plain), 1),
+        f">= {TARGET:.2f}", median >= TARGET,
+        notes=f"{notes}; {rng}; NOTIFY on in {share:.0%} of samples{cpu_note}",
+        extra={"runs": pairs.bridged, "baseline_runs": pairs.plain, "ratios": ratios,
+               "median_ratio": median, "notify_share": pairs.notify_share,
+               "cpu_us": pairs.bridged_cpu_us, "baseline_cpu_us": pairs.plain_cpu_us,
+               "cpu_ratios": cpu})
+
+
+def _scripts(workdir: Path) -> dict[str, Path]:
+    texts = {"insert": workload.INSERT_SCRIPT, "update": workload.UPDATE_SCRIPT.format(
+        rows=PRELOAD)}
+    out = {}
+    for kind, text in texts.items():
+        for side, table in (("bridged", "license_keys"), ("plain", PLAIN)):
+            path = workdir / f"p1-{kind}-{side}.sql"
+            path.write_text(text.replace("license_keys", table))
+            out[f"{kind}.{side}"] = path
     return out
 
 
-def _server_version(admin_dsn: str) -> str:
-    with psycopg.connect(admin_dsn) as conn:
-        row = conn.execute("SELECT current_setting('server_version'), "
-                           "current_setting('fsync'), current_setting('synchronous_commit')"
-                           ).fetchone()
-    assert row is not None
-    return f"PostgreSQL {row[0]} (fsync={row[1]}, synchronous_commit={row[2]})"
+def _daemon_config(dsn: str, url: str) -> dict[str, Any]:
+    return env.base_config(dsn, webhooks={"events": {"license_created": [url]}})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--dsn", help="admin DSN of a server (default: embedded PostgreSQL)")
-    parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--clients", default="1,4", help="comma-separated client counts")
-    parser.add_argument("--jobs", type=int, default=2, help="pgbench threads (-j)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    clients = [int(c) for c in args.clients.split(",")]
-
-    with _server(args.dsn) as (admin_dsn, pgbench):
-        server = _server_version(admin_dsn)
-        results = measure(admin_dsn, pgbench, clients, args.jobs, args.seconds)
-    rel = ratios(results)
-    if args.json:
-        print(json.dumps({"server": server, "seconds": args.seconds,
-                          "results": [asdict(r) for r in results],
-                          "ratios": {str(k): v for k, v in rel.items()}}, indent=2))
-        return 0
-    print(f"{server}; pgbench -M prepared -T {args.seconds}, one single-row INSERT per "
-          "transaction")
-    print(f"{'clients':>7} {'variant':>9} {'TPS':>10} {'vs plain':>9} {'events':>9}")
-    for r in results:
-        print(f"{r.clients:>7} {r.variant:>9} {r.tps:>10.0f} {rel[r.clients][r.variant]:>9.2f} "
-              f"{r.events:>9}")
-    return 0
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
-@contextmanager
-def _server(dsn: str | None) -> Iterator[tuple[str, Path]]:
-    if dsn:
-        found = shutil.which("pgbench")
-        if not found:
-            raise SystemExit("pgbench is not on PATH")
-        yield dsn, Path(found)
-        return
-    with EmbeddedPostgres() as pg:
-        yield pg.dsn("postgres"), pg.bin_dir / "pgbench"
+def p1_capture(ctx: Ctx) -> list[Figure]:
+    dsn = ctx.dbs.clone(bridge=True)
+    figures: list[Figure] = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SETUP.encode())
+        scripts = _scripts(ctx.workdir)
+        cfg = _daemon_config(dsn, ctx.rx.url("/ok/p1"))
+
+        state = _runtime(dsn)
+        pairs = _pairs(ctx, dsn, scripts, "insert")
+        figures.append(_figure("fresh", "single-row INSERT", pairs,
+                               f"fresh install, no daemon ran (sleeping={state[0]})"))
+        ctx.log(f"  {figures[-1].figure}: ratio {figures[-1].ratio:.2f} ({figures[-1].notes})")
+
+        # a daemon runs, goes idle (writers would NOTIFY), and is stopped gracefully
+        d = env.start_daemon(ctx.procs, ctx.workdir, cfg, name="p1-daemon")
+        _wait(lambda: _runtime(dsn)[1], 30, "the idle daemon to turn NOTIFY on")
+        ctx.procs.stop(d.proc)
+        state = _runtime(dsn)
+        for kind, what in (("insert", "single-row INSERT"), ("update", "activation UPDATE")):
+            pairs = _pairs(ctx, dsn, scripts, kind)
+            figures.append(_figure("stopped" if kind == "insert" else "stopped.update", what,
+                                   pairs, f"daemon stopped gracefully (sleeping={state[0]})"))
+            ctx.log(f"  {figures[-1].figure}: ratio {figures[-1].ratio:.2f} "
+                    f"({figures[-1].notes})")
+
+        # what NOTIFY costs (for reading the running state): the flag forced on, no daemon
+        _set_notify(dsn, True)
+        pairs = _pairs(ctx, dsn, scripts, "insert")
+        _set_notify(dsn, False)
+        figures.append(_figure("notify", "single-row INSERT", pairs,
+                               "no daemon, NOTIFY forced on (diagnostic, no target)"))
+        figures[-1] = dataclasses.replace(figures[-1], target="-", met=None)
+        ctx.log(f"  {figures[-1].figure}: ratio {figures[-1].ratio:.2f} ({figures[-1].notes})")
+
+        # a daemon running, delivering every captured row
+        ctx.rx.reset()
+        d = env.start_daemon(ctx.procs, ctx.workdir, cfg, name="p1-daemon-busy")
+        try:
+            pairs = _pairs(ctx, dsn, scripts, "insert")
+            delivered = ctx.rx.count("/ok/p1")
+        finally:
+            ctx.procs.stop(d.proc)
+        figures.append(_figure("running", "single-row INSERT", pairs,
+                               f"daemon running and busy ({delivered} delivered meanwhile)"))
+        ctx.log(f"  {figures[-1].figure}: ratio {figures[-1].ratio:.2f} ({figures[-1].notes})")
+    finally:
+        ctx.dbs.drop(dsn)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.run import main as run_main
+
+    return run_main(["--only", "P1", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def code_version() -> dict[str, str]:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False, cwd=env.ROOT).stdout.strip()
     files = ["bridge/daemon.py", "bridge/store.py", "bridge/dispatch.py", "sql/queries.sql",
-             "sql/capture_v1.sql"]
+             "sql/capture_v2.sql", "sql/migrate_v3.sql"]
     digest = hashlib.sha256(b"".join((env.ROOT / f).read_bytes() for f in files
                                      if (env.ROOT / f).exists())).hexdigest()[:12]
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ class Modes:
         # P2 is issue 9's 10,000-row burst in both modes
         if quick:
             return cls(True, 10_000, 2, 1, 10, 20_000, 2000, 1500)
-        return cls(False, 10_000, 8, 2, 30, 100_000, 6000, 5000)
+        return cls(False, 10_000, 6, 3, 30, 100_000, 6000, 5000)
 
     @property
     def concurrency(self) -> dict[str, int]:
@@ -153,44 +152,10 @@ def _daemon_cfg(dsn: str, urls: list[str], **sections: Any) -> dict[str, Any]:
 # --- P1 -------------------------------------------------------------------------------------------
 
 def p1_capture(ctx: Ctx) -> list[Figure]:
-    m = ctx.modes
-    server = ctx.dbs.server
-    plain = ctx.dbs.clone(bridge=False)
-    bridged = ctx.dbs.clone(bridge=True)
-    rows = 20_000
-    for dsn in (plain, bridged):
-        workload.preload(dsn, rows)
-    scripts = {"insert": ctx.workdir / "insert.sql", "update": ctx.workdir / "update.sql"}
-    scripts["insert"].write_text(workload.INSERT_SCRIPT)
-    scripts["update"].write_text(workload.UPDATE_SCRIPT.format(rows=rows))
-    binary = server.pgbench()
-    figures: list[Figure] = []
-    for kind, script in scripts.items():
-        for clients in (1, 4):
-            tps: dict[str, list[float]] = {"plain": [], "awake": [], "sleeping": []}
-            for _ in range(m.p1_reps):
-                tps["plain"].append(workload.pgbench(binary, plain, script, clients,
-                                                     m.p1_seconds))
-                for variant, sleeping in (("awake", False), ("sleeping", True)):
-                    workload.set_sleeping(bridged, sleeping)
-                    tps[variant].append(workload.pgbench(binary, bridged, script, clients,
-                                                         m.p1_seconds))
-            base = statistics.median(tps["plain"])
-            for variant in ("awake", "sleeping"):
-                v = statistics.median(tps[variant])
-                ratio = v / base
-                target = ">= 0.70x" if clients == 4 else "-"
-                figures.append(Figure(
-                    f"P1.{kind}.{clients}w.{variant}",
-                    f"P1 {kind}, {clients} writer{'s' if clients > 1 else ''}, "
-                    f"runtime.sleeping={str(variant == 'sleeping').lower()}",
-                    round(v, 1), "tps", round(base, 1), target,
-                    _ge(ratio, 0.70) if clients == 4 else None,
-                    extra={"runs": tps[variant], "baseline_runs": tps["plain"]}))
-                ctx.log(f"  {figures[-1].figure}: {v:.0f} vs {base:.0f} tps ({ratio:.2f})")
-    ctx.dbs.drop(plain)
-    ctx.dbs.drop(bridged)
-    return figures
+    """Capture overhead in the three states (fresh, stopped, running): bench/capture_overhead.py."""
+    from bench import capture_overhead
+
+    return capture_overhead.p1_capture(ctx)
 
 
 # --- P2 -------------------------------------------------------------------------------------------

@@ -162,6 +162,11 @@ _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
 def pgbench(binary: str, dsn: str, script: Path, clients: int, seconds: float) -> float:
     reset(dsn)
+    return pgbench_run(binary, dsn, script, clients, seconds)
+
+
+def pgbench_run(binary: str, dsn: str, script: Path, clients: int, seconds: float) -> float:
+    """TPS of one pgbench run (prepared statements, without connection time)."""
     args = [binary, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
             "-T", str(int(seconds)), "-f", str(script), dsn]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60,

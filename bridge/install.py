@@ -1,8 +1,9 @@
 """Render and apply install, upgrade and uninstall, each in one transaction.
 
-The SQL itself lives in `sql/`: schema_vN.sql (data tables, applied once per version),
-capture_v1.sql (trigger functions and triggers, replaced on every install), checks.sql
-(pre-install checks and field names) and uninstall.sql.
+The SQL itself lives in `sql/`: schema_v1.sql and the migrations in MIGRATIONS (data tables,
+each applied once), capture_vN.sql (the trigger functions of a schema version, CAPTURE) and
+capture.sql (the triggers, replaced on every install), checks.sql (pre-install checks and field
+names) and uninstall.sql.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from bridge.connect import psycopg_connect
 from bridge.errors import ConfigError, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> file that brings a database from version-1 to version.
-MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_engine.sql"}
+MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_engine.sql", 3: "migrate_v3.sql"}
+# version -> the capture functions written for it (a version not listed keeps the last one)
+CAPTURE: dict[int, str] = {1: "capture_v1.sql", 3: "capture_v2.sql"}
 LOCK_KEY = 0x514C4D42  # 'QLMB': serialises concurrent installs
 
 
@@ -94,8 +97,13 @@ def _checks(config: Config) -> list[str]:
     return out
 
 
-def _capture(config: Config) -> list[str]:
-    blocks = sql.blocks("capture_v1.sql")
+def _capture_file(version: int) -> str:
+    return CAPTURE[max(v for v in CAPTURE if v <= version)]
+
+
+def _capture(config: Config, version: int) -> list[str]:
+    functions = sql.blocks(_capture_file(version))
+    blocks = sql.blocks("capture.sql")
     schema = sql.quote_ident(config.database.schema_name)
     channel = sql.quote_literal(config.database.channel)
     lic = config.capture.licenses
@@ -107,7 +115,7 @@ def _capture(config: Config) -> list[str]:
         values = {"schema": schema, "func": sql.quote_ident(func), "channel": channel}
         if kind == "license":
             values |= {"activated": _condition(lic.activation), "released": _condition(lic.release)}
-        out.append(sql.render(blocks[f"{kind}_function"], **values))
+        out.append(sql.render(functions[f"{kind}_function"], **values))
         out.append(sql.render(blocks["function_privileges"], schema=schema,
                               func=sql.quote_ident(func)))
         out.append(sql.render(blocks["trigger"], schema=schema, func=sql.quote_ident(func),
@@ -144,15 +152,16 @@ def _funcref(config: Config, func: str) -> str:
     return sql.quote_literal(f"{schema}.{sql.quote_ident(func)}()")
 
 
-def _field_names(config: Config) -> list[str]:
+def _field_names(config: Config, version: int) -> list[str]:
     blocks = sql.blocks("checks.sql")
     schema = sql.quote_ident(config.database.schema_name)
     tables = (("license", "licenses", config.capture.licenses),
               ("customer", "customers", config.capture.customers))
     out = []
     for kind, _, table in tables:
-        out.append(sql.render(blocks["field_map"], schema=schema, kind=sql.quote_literal(kind),
-                              qualified=sql.quote_literal(table.qualified())))
+        for block in ("field_map", "field_types") if version >= 3 else ("field_map",):
+            out.append(sql.render(blocks[block], schema=schema, kind=sql.quote_literal(kind),
+                                  qualified=sql.quote_literal(table.qualified())))
     qlm = [(k, c, f) for k, names in QLM_FIELD_NAMES.items() for c, f in names.items()]
     overrides = [(k, c, f) for k, names in config.webhooks.field_names.items()
                  for c, f in names.items()]
@@ -170,25 +179,29 @@ def _field_names(config: Config) -> list[str]:
     return out
 
 
-def render_install(config: Config, from_version: int | None, sample_schema: bool) -> Plan:
-    """The whole install/upgrade as one SQL script (without BEGIN/COMMIT)."""
+def render_install(config: Config, from_version: int | None, sample_schema: bool,
+                   target: int = SCHEMA_VERSION) -> Plan:
+    """The whole install/upgrade as one SQL script (without BEGIN/COMMIT). `target` is the
+    schema version to bring the database to (tests build older versions with it)."""
     check_schema_name(config)
-    if from_version is not None and from_version > SCHEMA_VERSION:
+    if from_version is not None and from_version > target:
         raise InstallError(
             f"the bridge schema {config.database.schema_name!r} is at version {from_version}, "
-            f"newer than this qlm-bridge ({SCHEMA_VERSION}); upgrade qlm-bridge"
+            f"newer than this qlm-bridge ({target}); upgrade qlm-bridge"
         )
     parts = [_lock_sql()]
     if sample_schema:
         parts.append(sql.read("sample_schema.sql"))
     parts += _checks(config)
     schema = sql.quote_ident(config.database.schema_name)
-    for version in range(1 if from_version is None else from_version + 1, SCHEMA_VERSION + 1):
-        parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema))
-    parts += _capture(config)
-    parts += _console_indexes(config)
-    parts += _field_names(config)
-    return Plan(from_version, SCHEMA_VERSION, "\n".join(parts))
+    for version in range(1 if from_version is None else from_version + 1, target + 1):
+        parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema,
+                                eventtable=sql.quote_literal(f"{schema}.event")))
+    parts += _capture(config, target)
+    if target >= 3:  # the console's indexes read the event row as schema version 3 has it
+        parts += _console_indexes(config)
+    parts += _field_names(config, target)
+    return Plan(from_version, target, "\n".join(parts))
 
 
 def render_uninstall(config: Config, drop_data: bool) -> str:
@@ -197,7 +210,7 @@ def render_uninstall(config: Config, drop_data: bool) -> str:
     blocks = sql.blocks("uninstall.sql")
     schema = sql.quote_ident(config.database.schema_name)
     parts = [_lock_sql()]
-    drop = sql.blocks("capture_v1.sql")["drop_triggers"]
+    drop = sql.blocks("capture.sql")["drop_triggers"]
     parts += [sql.render(drop, funcref=_funcref(config, func), qualified="NULL", tgname="NULL")
               for func in ("capture_license_v1", "capture_customer_v1")]
     parts.append(sql.render(blocks["functions"], schema=schema))
@@ -260,14 +273,16 @@ def _lock(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     _execute_script(conn, _lock_sql())
 
 
-def install(config: Config, sample_schema: bool = False) -> Plan:
-    """Install or upgrade in one transaction; returns what was done."""
+def install(config: Config, sample_schema: bool = False,
+            target: int = SCHEMA_VERSION) -> Plan:
+    """Install or upgrade (to schema version `target`) in one transaction; returns what was
+    done."""
     check_schema_name(config)
     with psycopg_connect(config.database) as conn, \
             conn.transaction():
         _lock(conn)
         the_plan = render_install(config, current_version(conn, config.database.schema_name),
-                                  sample_schema)
+                                  sample_schema, target)
         _execute_script(conn, the_plan.sql)
         return the_plan
 

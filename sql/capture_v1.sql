@@ -1,14 +1,7 @@
--- Capture trigger functions, version 1. Rendered by bridge/install.py:
---   __SCHEMA__       quoted bridge schema        __CHANNEL__     NOTIFY channel, as a literal
---   __KIND__         'license' or 'customer'     __FUNC__        quoted function name
---   __ACTIVATED__ / __RELEASED__  boolean expressions over OLD/NEW built from validated,
---                                 quoted column names (license tables only; 'false' otherwise)
---   __TRIGGER__ / __TGNAME__      the trigger name, quoted / as a string literal
---   __TABLE__                     the quoted schema-qualified captured table
---   __FUNCREF__ / __QUALIFIED__   the function signature / the table, as string literals
---
--- SECURITY DEFINER with a pinned search_path: the application role that writes the license
--- tables needs no grant on the bridge schema and cannot hijack name resolution.
+-- Capture trigger functions of bridge schema version 1 (to_jsonb rows, `previous` computed by the
+-- writer). Kept so that install can render a version-1 database (bridge/install.py: CAPTURE,
+-- used by the upgrade tests); installs from schema version 3 on use capture_v2.sql. Placeholders as in
+-- capture_v2.sql.
 
 -- name: license_function
 CREATE OR REPLACE FUNCTION __SCHEMA__.__FUNC__() RETURNS trigger
@@ -85,32 +78,5 @@ BEGIN
         PERFORM pg_notify(__CHANNEL__, '');
     END IF;
     RETURN NULL;
-END
-$qlm_bridge$;
-
--- name: function_privileges
-REVOKE ALL ON FUNCTION __SCHEMA__.__FUNC__() FROM PUBLIC;
-
--- name: trigger
-CREATE OR REPLACE TRIGGER __TRIGGER__
-    AFTER INSERT OR UPDATE OR DELETE ON __TABLE__
-    FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.__FUNC__();
-
--- name: drop_triggers
--- Drop every trigger that calls this function except the one named for the given table
--- (install: a trigger of an earlier install on a table the config no longer names would go on
--- capturing; uninstall passes NULL for both, dropping them all, wherever they are).
-DO $qlm_bridge$
-DECLARE
-    t record;
-BEGIN
-    FOR t IN SELECT tg.tgname, tg.tgrelid::pg_catalog.regclass AS rel
-               FROM pg_catalog.pg_trigger tg
-              WHERE tg.tgfoid = pg_catalog.to_regprocedure(__FUNCREF__)
-                AND (tg.tgrelid, tg.tgname::text) IS DISTINCT FROM
-                    (pg_catalog.to_regclass(__QUALIFIED__), __TGNAME__::text)
-    LOOP
-        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
-    END LOOP;
 END
 $qlm_bridge$;

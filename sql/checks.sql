@@ -52,6 +52,17 @@ SELECT __KIND__, a.attname, __SCHEMA__.field_name_v1(a.attname), a.attnum
 ON CONFLICT (kind, column_name) DO UPDATE SET position = EXCLUDED.position
  WHERE __SCHEMA__.field_map.position IS DISTINCT FROM EXCLUDED.position;
 
+-- name: field_types
+-- Schema version 3 on: each column's type (domains resolved), so the daemon renders timestamptz
+-- values in UTC. Refreshed by every install (only where it differs).
+UPDATE __SCHEMA__.field_map f SET type_name = t.type_name
+  FROM (SELECT a.attname, __SCHEMA__.base_type_v2(a.atttypid) AS type_name
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = to_regclass(__QUALIFIED__) AND a.attnum > 0 AND NOT a.attisdropped
+       ) AS t
+ WHERE f.kind = __KIND__ AND f.column_name = t.attname
+   AND f.type_name IS DISTINCT FROM t.type_name;
+
 -- name: field_overrides
 -- QLM's own names (field_name) where the naming rule says something else.
 INSERT INTO __SCHEMA__.field_map (kind, column_name, field_name)

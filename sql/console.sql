@@ -17,8 +17,10 @@ CREATE INDEX IF NOT EXISTS delivery_open_idx ON __SCHEMA__.delivery (state, id)
 -- Run by every install, once per capture key column: events by key (ActivationKey,
 -- CustomerID), for the console's `key` filter. Not partial, so ANALYZE keeps statistics on the
 -- expression and the planner knows a key is rare. __NAME__ carries a hash of the column name, so
--- a changed capture.*.key gets its own index.
-CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event ((row_data ->> __COLUMN__));
+-- a changed capture.*.key gets its own index. Rows captured since schema version 3 have the row
+-- in row_data (json), earlier ones in row_data_v1 (jsonb).
+CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event
+    ((coalesce(row_data ->> __COLUMN__, row_data_v1 ->> __COLUMN__)));
 
 -- name: session
 -- Before each console statement, inside its read-only transaction: custom plans (see above) and
@@ -117,25 +119,13 @@ SELECT url, failures, open_until > now() AS open,
  ORDER BY url;
 
 -- name: event
--- One event with the payload fields renamed as the claim query (queries.sql) renames them:
--- info/previous are JSON object text in table column order with payload field names. The
--- console tests compare this with the bytes a receiver got.
+-- One event rendered as the claim query (queries.sql: claimed_rows) renders it, by the same
+-- functions (migrate_v3.sql: payload_info_v2 / payload_previous_v2). The console tests compare
+-- this with the bytes a receiver got.
 SELECT e.id, e.event_id, e.event_type, e.kind, e.source_table, e.op, e.created_at,
        e.fanned_out, __KEY_SHOW__ AS key, now() AS now,
-       (SELECT '{' || string_agg(
-                   to_json(coalesce(f.override, f.field_name,
-                                    __SCHEMA__.field_name_v1(j.key)))::text
-                   || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
-          FROM jsonb_each(e.row_data) AS j
-          LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-       ) AS info,
-       (SELECT '{' || string_agg(
-                   to_json(coalesce(f.override, f.field_name,
-                                    __SCHEMA__.field_name_v1(j.key)))::text
-                   || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
-          FROM jsonb_each(e.previous) AS j
-          LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-       ) AS previous
+       __SCHEMA__.payload_info_v2(e.kind, e.row_data, e.row_data_v1) AS info,
+       __SCHEMA__.payload_previous_v2(e.kind, e.row_data, e.old_data, e.previous_v1) AS previous
   FROM __SCHEMA__.event e
  WHERE e.event_id = $1::uuid;
 

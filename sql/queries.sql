@@ -15,7 +15,7 @@
 -- Returns the claimed rows (as `claim` does) and, in rows whose id is NULL, how many events of
 -- each type were fanned out (for the metrics and to know whether more are waiting).
 WITH ev AS (
-    SELECT e.id, e.event_type, e.kind, e.row_data
+    SELECT e.id, e.event_type, e.kind, coalesce(e.row_data, e.row_data_v1::json) AS row_data
       FROM __SCHEMA__.event e
      WHERE NOT e.fanned_out
      ORDER BY e.id
@@ -63,24 +63,12 @@ SELECT NULL, NULL, count(*)::int, NULL, ev.event_type, NULL, NULL, NULL, NULL
 
 -- name: claimed_rows
 -- The tail shared by `produce` and `claim`: what a daemon needs to send each claimed row
--- (CTE `claimed`: id, url, attempts, event_id). info/previous: the row (old values) as JSON
--- text with payload field names, in table column order; values are jsonb's own text, so
--- numbers keep every digit.
+-- (CTE `claimed`: id, url, attempts, event_id). info/previous: the payload's row and old values,
+-- rendered by the bridge schema's functions (migrate_v3.sql: field names, table column order,
+-- timestamptz in UTC, numbers with every digit; events captured before schema version 3 too).
 SELECT c.id, c.url, c.attempts, e.event_id, e.event_type, e.kind, e.created_at,
-       (SELECT '{' || string_agg(
-                   to_json(coalesce(f.override, f.field_name,
-                                    __SCHEMA__.field_name_v1(j.key)))::text
-                   || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
-          FROM jsonb_each(e.row_data) AS j
-          LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-       ) AS info,
-       (SELECT '{' || string_agg(
-                   to_json(coalesce(f.override, f.field_name,
-                                    __SCHEMA__.field_name_v1(j.key)))::text
-                   || ':' || j.value::text, ',' ORDER BY f.position, j.key) || '}'
-          FROM jsonb_each(e.previous) AS j
-          LEFT JOIN __SCHEMA__.field_map f ON f.kind = e.kind AND f.column_name = j.key
-       ) AS previous
+       __SCHEMA__.payload_info_v2(e.kind, e.row_data, e.row_data_v1) AS info,
+       __SCHEMA__.payload_previous_v2(e.kind, e.row_data, e.old_data, e.previous_v1) AS previous
   FROM claimed c JOIN __SCHEMA__.event e ON e.id = c.event_id
 
 -- name: claim

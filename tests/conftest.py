@@ -136,6 +136,13 @@ class Db:
         return base_config(self.dsn, **sections)
 
 
+def previous_sql(schema: str = "qlm_bridge") -> str:
+    """SQL for an event row's `previous` by column name (the old values of the columns an UPDATE
+    changed), as the daemon derives it from the stored rows; NULL for INSERT and DELETE."""
+    return (f"(SELECT json_object_agg(c.key, c.value::json ORDER BY c.n) "
+            f"FROM {schema}.changed_v2(row_data, old_data) c)")
+
+
 @pytest.fixture
 def db(pg_server: Server, template_db: str) -> Iterator[Db]:
     """A fresh database with the sample schema and the bridge installed."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Db
+from conftest import Db, previous_sql
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,9 @@ class Ev:
 
 
 def events(db: Db) -> list[Ev]:
-    rows = db.query("SELECT event_type, kind, op, source_table, row_data, previous "
+    """The captured events; `previous` is what the daemon derives from the stored old row
+    (qlm_bridge.changed_v2: the old values of the changed columns), by column name."""
+    rows = db.query(f"SELECT event_type, kind, op, source_table, row_data, {previous_sql()} "
                     "FROM qlm_bridge.event ORDER BY id")
     return [Ev(*r) for r in rows]
 
@@ -51,8 +53,13 @@ def seed(db: Db, key: str = "K1", **columns: Any) -> None:
 
 
 def set_runtime(db: Db, **values: bool) -> None:
+    """Set runtime flags; sleeping = true comes with an expiry an hour ahead, as a daemon about to
+    sleep sets it (without one, writers do not notify)."""
     for name, value in values.items():
         db.execute(f"UPDATE qlm_bridge.runtime SET {name} = %s", (value,))
+        if name == "sleeping":
+            db.execute("UPDATE qlm_bridge.runtime SET sleeping_until = "
+                       "CASE WHEN sleeping THEN now() + interval '1 hour' END")
 
 
 # --- license events ----------------------------------------------------------------------------
@@ -281,6 +288,30 @@ def test_customer_writes_notify_too(db: Db, listener: psycopg.Connection[Any]) -
     assert next_notify(listener).channel == "qlm_bridge"
 
 
+def test_a_fresh_install_does_not_notify(db: Db, listener: psycopg.Connection[Any]) -> None:
+    """No daemon has run yet: writers skip NOTIFY (and its commit lock) until one sleeps; its
+    first poll finds what was written before."""
+    assert db.query("SELECT sleeping, sleeping_until FROM qlm_bridge.runtime") == [(False, None)]
+    db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
+    db.execute("UPDATE license_keys SET computer_id = 'PC1'")
+    db.execute("NOTIFY qlm_bridge, 'marker'")  # notifications arrive in commit order
+    assert next_notify(listener).payload == "marker"
+    assert len(events(db)) == 3
+
+
+def test_an_expired_sleep_does_not_notify(db: Db, listener: psycopg.Connection[Any]) -> None:
+    """A daemon that died asleep: once its sleeping_until has passed, writers stop notifying."""
+    db.execute("UPDATE qlm_bridge.runtime SET sleeping = true, "
+               "sleeping_until = now() - interval '1 second'")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
+    db.execute("NOTIFY qlm_bridge, 'marker'")
+    assert next_notify(listener).payload == "marker"
+    db.execute("UPDATE qlm_bridge.runtime SET sleeping_until = now() + interval '1 hour'")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K2')")
+    assert next_notify(listener).payload == ""
+
+
 def test_no_notify_while_awake(db: Db, listener: psycopg.Connection[Any]) -> None:
     set_runtime(db, sleeping=False)
     db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
@@ -378,6 +409,8 @@ def test_search_path_hijack_does_not_affect_capture(db: Db, app_role: str) -> No
         INSERT INTO evil.runtime VALUES (false, true);
         CREATE FUNCTION evil.to_jsonb(anyelement) RETURNS jsonb LANGUAGE sql
             AS $$ INSERT INTO evil.hits VALUES ('to_jsonb') RETURNING '{{}}'::jsonb $$;
+        CREATE FUNCTION evil.row_to_json(anyelement) RETURNS json LANGUAGE sql
+            AS $$ INSERT INTO evil.hits VALUES ('row_to_json') RETURNING '{{}}'::json $$;
         CREATE FUNCTION evil.jsonb_each(jsonb, OUT key text, OUT value jsonb)
             RETURNS SETOF record LANGUAGE sql
             AS $$ INSERT INTO evil.hits VALUES ('jsonb_each') RETURNING 'k', '1'::jsonb $$;
@@ -429,7 +462,7 @@ def test_trigger_functions_are_security_definer_with_pinned_search_path(db: Db) 
 # --- data types --------------------------------------------------------------------------------
 
 
-def test_data_types_are_captured_as_valid_jsonb(db: Db) -> None:
+def test_data_types_are_captured_as_valid_json(db: Db) -> None:
     db.execute("""
         ALTER TABLE license_keys
             ADD COLUMN n40 numeric, ADD COLUMN f_nan float8, ADD COLUMN f_inf float8,
@@ -451,12 +484,12 @@ def test_data_types_are_captured_as_valid_jsonb(db: Db) -> None:
             (weird,),
         )
     text = dict(db.query("SELECT key, value FROM qlm_bridge.event, "
-                         "jsonb_each_text(row_data)"))
-    kinds = dict(db.query("SELECT key, jsonb_typeof(value) FROM qlm_bridge.event, "
-                          "jsonb_each(row_data)"))
+                         "json_each_text(row_data)"))
+    kinds = dict(db.query("SELECT key, json_typeof(value) FROM qlm_bridge.event, "
+                          "json_each(row_data)"))
     assert text["n40"] == "1234567890123456789012345678901234567890.5"
     assert kinds["n40"] == "number"
-    # JSON has no NaN/Infinity: jsonb turns them into the strings PostgreSQL prints
+    # JSON has no NaN/Infinity: they become the strings PostgreSQL prints
     assert (text["f_nan"], kinds["f_nan"]) == ("NaN", "string")
     assert (text["f_inf"], kinds["f_inf"]) == ("-Infinity", "string")
     assert (text["n_nan"], kinds["n_nan"]) == ("NaN", "string")
@@ -464,7 +497,8 @@ def test_data_types_are_captured_as_valid_jsonb(db: Db) -> None:
     assert kinds["tags"] == "array" and kinds["grid"] == "array"
     assert kinds["j"] == "object" and kinds["jb"] == "object"
     assert text["ts"] == "2024-02-29T23:59:59.123456"
-    # timestamptz is written in the writer's session time zone (same instant)
+    # timestamptz is captured in the writer's session time zone (same instant; the daemon
+    # renders it in UTC: test_payload_times.py)
     assert text["tstz"] == "2024-06-01T14:00:00+02:00"
     assert text["span"] == "1 year 2 mons 3 days 04:05:06"
     assert kinds["nothing"] == "null"
@@ -478,7 +512,8 @@ def test_data_types_are_captured_as_valid_jsonb(db: Db) -> None:
     assert row["comment"] == weird
     # the JSON text keeps every digit (a float-parsing JSON reader would not)
     raw = db.scalar("SELECT row_data::text FROM qlm_bridge.event")
-    assert '"n40": 1234567890123456789012345678901234567890.5' in raw
+    assert '"n40":1234567890123456789012345678901234567890.5' in raw
+    assert '"j":{"a": [1, 2.50]}' in raw  # a json column as it was written
     assert json.loads(raw, parse_float=Decimal)["n40"] == Decimal(
         "1234567890123456789012345678901234567890.5")
 

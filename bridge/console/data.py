@@ -64,17 +64,24 @@ async def replay(source: ConsoleSource, selection: ops.ReplayFilter) -> ops.Repl
 # --- rendered SQL ------------------------------------------------------------------------------
 
 
+def _key_value(column: str) -> str:
+    """One key column of event `e`, as key_index (console.sql) indexes it: from the json row
+    (schema version 3 on) or the jsonb row of earlier events."""
+    col = sql.quote_literal(column)
+    return f"coalesce(e.row_data ->> {col}, e.row_data_v1 ->> {col})"
+
+
 def _key_match(keys: KeyColumns, param: str) -> str:
     """`e` matches the key `param` in any key column (literal columns: key_index applies)."""
     parts = [f"(e.kind = {sql.quote_literal(kind)} "
-             f"AND e.row_data ->> {sql.quote_literal(col)} = {param}::text)"
+             f"AND {_key_value(col)} = {param}::text)"
              for kind, cols in keys for col in cols]
     return "(" + " OR ".join(parts) + ")" if parts else "false"
 
 
 def _key_show(keys: KeyColumns) -> str:
     whens = [f"WHEN {sql.quote_literal(kind)} THEN concat_ws(' / ', "
-             + ", ".join(f"e.row_data ->> {sql.quote_literal(c)}" for c in cols) + ")"
+             + ", ".join(_key_value(c) for c in cols) + ")"
              for kind, cols in keys if cols]
     return f"(CASE e.kind {' '.join(whens)} END)" if whens else "NULL::text"
 
