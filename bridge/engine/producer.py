@@ -29,6 +29,14 @@ from bridge.store import BreakerChange, Claimed, Result, Store
 log = logging.getLogger("bridge.daemon")
 
 
+# Draining: once a pass fans out this many events, writers are committing faster than one
+# NOTIFY per wake-up is worth; the flag goes off and the daemon looks again every DRAIN_POLL
+# seconds on its own, until QUIET_PASSES passes in a row find no new event.
+DRAIN_THRESHOLD = 16
+DRAIN_POLL = 0.005
+QUIET_PASSES = 4
+
+
 def jitter(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
@@ -59,6 +67,7 @@ class Producer:
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
         self._backlog = False
+        self.quiet = 0  # passes in a row whose fan-out found no new event
         self._failures: dict[str, int] = {}  # consecutive failures per breaker URL, here
 
     # --- one pass ----------------------------------------------------------------------------
@@ -109,7 +118,8 @@ class Producer:
         for event_type, count in by_type.items():
             self.metrics.fanned_out.labels(event_type).inc(count)
         self.fan_more = events >= cfg.daemon.batch_size
-        self._backlog |= self.fan_more
+        self.quiet = 0 if events else self.quiet + 1
+        self._backlog |= events >= min(DRAIN_THRESHOLD, cfg.daemon.batch_size)
         self._start(claimed, cfg)
         per_type = Counter(t for t, _ in subs)
         created = sum(n * per_type[t] for t, n in by_type.items())
@@ -261,6 +271,12 @@ class Producer:
             # brings the next pass; the NOTIFY flag stays as it is
             await wait_any((self.wake, self.slot_free), self._timeout(cfg))
             self.slot_free.clear()
+            return
+        if self.gate.on is False and self.quiet < QUIET_PASSES:
+            # draining with NOTIFY off: writers will not wake us, so look again shortly
+            await wait_any((self.wake, self.slot_free), min(DRAIN_POLL, self._timeout(cfg)))
+            self.slot_free.clear()
+            self.poll_due = True
             return
         if self.gate.snapshot is not None:
             if await self.store.snapshot_settled(self.gate.snapshot):
