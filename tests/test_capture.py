@@ -12,7 +12,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Db
+
+from tests.support.server import Db
 
 
 @dataclass(frozen=True)

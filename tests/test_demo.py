@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Db
 
 from bridge import demo
 from bridge.errors import BridgeError
 from bridge.events import QLM_EVENTS
 from bridge.signing import qlm_signature
+from tests.support.server import Db
 
 LINE = re.compile(r"^\s+(\w+)\s+-> (http://127\.0\.0\.1:\d+/qlm-webhook)\s+HTTP (\d+)\s+"
                   r"([\d.]+) ms\s+(signature valid|SIGNATURE INVALID)", re.MULTILINE)

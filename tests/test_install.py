@@ -14,12 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
-from conftest import Db, base_config
 
 from bridge import install, sql
 from bridge.config import Config
 from bridge.errors import ConfigError, InstallError
+from tests.support import config as support_config
+from tests.support.config import base_config
+from tests.support.server import Db
 
 CAPTURE_FUNCS = ("capture_license_v1", "capture_customer_v1")
 
@@ -67,9 +68,8 @@ def has_schema(db: Db, name: str) -> bool:
 
 
 def write_config(path: Path, dsn: str, **sections: Any) -> Path:
-    data: dict[str, Any] = {"database": {"dsn": dsn}, **sections}
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    """A minimal config (the defaults, not the test base config)."""
+    return support_config.write_config(path, {"database": {"dsn": dsn}, **sections})
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

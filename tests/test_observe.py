@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -16,20 +15,16 @@ from typing import Any
 
 import aiohttp
 import yaml
-from conftest import Db
 from prometheus_client.parser import text_string_to_metric_families
-from receiver import Receiver, status
 
 from bridge.daemon import Daemon
 from bridge.observe import JsonFormatter, TextFormatter
+from tests.support.net import free_port
+from tests.support.receiver import Receiver, status
+from tests.support.server import Db
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _parse(text: str) -> Samples:
@@ -85,7 +80,7 @@ def _delivered_and_queued(scraper: Scraper, a: str, down: str) -> Callable[[], A
 async def _scrape_a_running_daemon(db: Db) -> None:
     rx = await Receiver(behaviours={"/down": status(503)}).start()
     a, down = rx.url("/a"), rx.url("/down")
-    port = _free_port()
+    port = free_port()
     cfg = db.config(
         webhooks={"events": {"customer_created": [a, down], "license_created": [a]},
                   "retry_interval": 300, "max_retries": 3},

@@ -23,11 +23,11 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import web
-from conftest import Db
 
 from bridge import ops
 from bridge.config import Config
 from bridge.errors import BridgeError
+from tests.support.server import Db
 
 CLI = str(Path(sys.executable).parent / "qlm-bridge")
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)

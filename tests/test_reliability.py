@@ -4,35 +4,30 @@ QLM_BRIDGE_SLOW=1 for the tests marked slow. Figures: RELIABILITY.md."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import uuid
 from pathlib import Path
 
 import pytest
-from campaign import (
-    ROOT,
-    DaemonProcess,
-    FaultReceiver,
-    config_dict,
-    crash_storm,
-    database_faults,
-    event_ids,
-    insert_licenses,
-    query,
-    receiver_down,
-    receiver_faults,
-    soak,
-)
-from conftest import Db, base_config
 
 from bridge import install
 from bridge.daemon import Daemon
 from bridge.embedded import EmbeddedPostgres
 from bridge.errors import BridgeError
-
-slow = pytest.mark.skipif(os.environ.get("QLM_BRIDGE_SLOW") != "1",
-                          reason="long run: set QLM_BRIDGE_SLOW=1")
+from tests.support.campaign import (
+    campaign_config,
+    crash_storm,
+    database_faults,
+    event_ids,
+    insert_licenses,
+    receiver_down,
+    receiver_faults,
+    soak,
+)
+from tests.support.config import base_config
+from tests.support.daemon import DaemonProcess
+from tests.support.receiver import Receiver
+from tests.support.server import ROOT, Db, query
 
 
 def test_crash_storm_loses_nothing(db: Db, tmp_path: Path) -> None:
@@ -42,7 +37,7 @@ def test_crash_storm_loses_nothing(db: Db, tmp_path: Path) -> None:
     assert fig["duplicates"] <= fig["kills"] * fig["duplicate_bound_per_kill"]
 
 
-@slow
+@pytest.mark.slow
 def test_crash_storm_full(db: Db, tmp_path: Path) -> None:
     fig = asyncio.run(crash_storm(db.dsn, tmp_path, events=5000, kills=10))
     assert fig["lost"] == 0
@@ -81,7 +76,7 @@ def test_database_server_restart_loses_nothing(own_server: EmbeddedPostgres,
     assert fig["lost"] == 0
 
 
-@slow
+@pytest.mark.slow
 def test_database_faults_full(own_server: EmbeddedPostgres, tmp_path: Path) -> None:
     dsn = _install_on(own_server)
     fig = asyncio.run(database_faults(dsn, tmp_path, terminations=10,
@@ -111,7 +106,7 @@ def test_receiver_down_then_back(db: Db, tmp_path: Path) -> None:
     assert fig["attempts_min"] >= 2
 
 
-@slow
+@pytest.mark.slow
 def test_receiver_down_30s(db: Db, tmp_path: Path) -> None:
     fig = asyncio.run(receiver_down(db.dsn, tmp_path, down=30, retry_interval=1.0))
     assert fig["lost"] == 0
@@ -125,7 +120,7 @@ def test_soak_short(db: Db, tmp_path: Path) -> None:
     assert fig["db_conns_max"] <= 5 + 1  # pool (4) + LISTEN
 
 
-@slow
+@pytest.mark.slow
 def test_soak_10_minutes(db: Db, tmp_path: Path) -> None:
     fig = asyncio.run(soak(db.dsn, tmp_path, seconds=600, sample_every=10))
     assert fig["lost"] == 0
@@ -142,8 +137,8 @@ def _settled(dsn: str) -> bool:
 
 def test_config_reload_during_a_burst_loses_nothing(db: Db, tmp_path: Path) -> None:
     async def run() -> tuple[set[str], set[str], set[str], str]:
-        rx = await FaultReceiver().start()
-        cfg = config_dict(db.dsn, webhooks={"events": {"license_created": [rx.url("/a")]}})
+        rx = await Receiver().start()
+        cfg = campaign_config(db.dsn, webhooks={"events": {"license_created": [rx.url("/a")]}})
         d = DaemonProcess(tmp_path, cfg).start()
         try:
             await d.wait_ready(db.dsn)
@@ -174,8 +169,8 @@ def test_config_reload_during_a_burst_loses_nothing(db: Db, tmp_path: Path) -> N
 
 def test_uninstall_while_the_daemon_runs(db: Db, tmp_path: Path) -> None:
     async def run() -> tuple[set[str], str, bool]:
-        rx = await FaultReceiver().start()
-        cfg = config_dict(db.dsn, webhooks={"events": {"license_created": [rx.url("/a")]}})
+        rx = await Receiver().start()
+        cfg = campaign_config(db.dsn, webhooks={"events": {"license_created": [rx.url("/a")]}})
         d = DaemonProcess(tmp_path, cfg).start()
         try:
             await d.wait_ready(db.dsn)
@@ -223,7 +218,7 @@ def test_two_daemons_with_different_configs(db: Db) -> None:
     reaches a URL only the other subscribes. The second daemon must be refused, or both URLs
     served."""
     async def run() -> tuple[set[str], set[str], list[BaseException | None]]:
-        rx = await FaultReceiver().start()
+        rx = await Receiver().start()
         a = Daemon(db.config(webhooks={"events": {"license_created": [rx.url("/a")]}}))
         b = Daemon(db.config(webhooks={"events": {"license_created": [rx.url("/b")]}}))
         tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
