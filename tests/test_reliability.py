@@ -87,17 +87,18 @@ def test_database_faults_full(own_server: EmbeddedPostgres, tmp_path: Path) -> N
 def test_receiver_faults_follow_the_policy(db: Db, tmp_path: Path) -> None:
     fig = asyncio.run(receiver_faults(db.dsn, tmp_path, good_events=20, spread=3))
     cases = fig["cases"]
+    assert cases["301_elsewhere"]["followed"] == 0  # nothing but POSTs to the configured paths
     for name in ("500", "429_retry_after", "301_elsewhere", "no_answer", "connection_reset",
                  "tls_untrusted", "slow_endless_body"):
         assert cases[name]["attempts"] == cases[name]["policy_attempts"], (name, cases[name])
         assert cases[name]["state"] == "failed", (name, cases[name])
-    assert cases["10mb_body"]["state"] == "delivered"
-    assert cases["301_elsewhere"]["followed"] == 0
+    assert cases["100mb_body"]["state"] == "delivered"
     assert cases["429_retry_after"]["min_gap_s"] >= 1.9  # Retry-After: 2 honoured
     assert "certificate" in str(cases["tls_untrusted"]["last"]).lower()
     assert fig["good_delivered"] == fig["good_expected"]  # other URLs unaffected
     assert fig["max_stored_response_body"] <= 4096 + 20
-    assert fig["rss_mb_peak"] - fig["rss_mb_baseline"] < 40  # the 10 MB body is never buffered
+    # the 100 MB body is never buffered: the daemon's peak RSS (VmHWM) grows far less
+    assert fig["rss_mb_peak"] - fig["rss_mb_baseline"] < 40, fig
 
 
 def test_receiver_down_then_back(db: Db, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from bridge import config as config_mod
 from bridge import ops
 from bridge.daemon import Daemon
-from bridge.dispatch import Dispatcher, sanitize
+from bridge.dispatch import BlockedAddress, Dispatcher, GuardedResolver, sanitize
 from bridge.errors import BridgeError
 from bridge.observe import TextFormatter
 from tests.support.campaign import campaign_config, insert_licenses, self_signed_cert, server_ssl
@@ -111,13 +111,15 @@ def test_database_password_not_in_daemon_errors(tmp_path: Path) -> None:
 
     async def run() -> str:
         d = DaemonProcess(tmp_path, campaign_config(dsn)).start()
-        await asyncio.sleep(2.5)
-        await d.terminate()
+        try:
+            await d.wait_log("database not reachable", occurrences=2)  # it retries, and says so
+        finally:
+            await d.terminate()
         return d.log()
 
     log = asyncio.run(run())
-    assert "not reachable" in log or "cannot" in log
     assert dbpw not in log
+    assert "Traceback" not in log
 
 
 # --- TLS and redirects ---------------------------------------------------------------------------
@@ -148,19 +150,18 @@ def test_redirects_are_not_followed() -> None:
             out = await _post(_webhooks(), rx.url("/r"))
         finally:
             await rx.stop()
-        return out, rx.counts["/elsewhere"]
+        return out, len(rx.anything_but({"/r"}))  # a followed 301 arrives as a GET
 
     out, followed = asyncio.run(run())
-    assert not out.ok and out.status == 301 and "redirect not followed" in (out.error or "")
     assert followed == 0
+    assert not out.ok and out.status == 301 and "redirect not followed" in (out.error or "")
 
 
 # --- the private address guard -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "2130706433",
-                                  "127.1", "0.0.0.0", "[::1]", "169.254.169.254", "10.0.0.1",
-                                  "[fe80::1]"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "0.0.0.0",
+                                  "[::1]", "169.254.169.254", "10.0.0.1", "[fe80::1]"])
 def test_private_address_guard(host: str) -> None:
     async def run() -> tuple[Any, Any, int]:
         rx = await Receiver().start()
@@ -173,9 +174,23 @@ def test_private_address_guard(host: str) -> None:
         return guarded, plain, rx.counts["/p"]
 
     guarded, plain, hits = asyncio.run(run())
-    # refused before any connection: blocked by the guard, or not even a valid URL to aiohttp
-    assert not guarded.ok and (guarded.error or "").startswith(("blocked", "InvalidUrl")), guarded
+    assert not guarded.ok and (guarded.error or "").startswith("blocked"), guarded
     assert plain.ok and hits == 1  # only the unguarded request arrived
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.1"])
+def test_private_address_guard_resolves_odd_ipv4_spellings(host: str) -> None:
+    """aiohttp refuses these spellings of 127.0.0.1 today; should it ever accept one, the guard's
+    resolver must still see the loopback address behind it."""
+    async def run() -> None:
+        resolver = GuardedResolver()
+        try:
+            with pytest.raises(BlockedAddress, match=r"127\.0\.0\.1"):
+                await resolver.resolve(host, 80)
+        finally:
+            await resolver.close()
+
+    asyncio.run(run())
 
 
 # --- bounded bodies, no log injection ------------------------------------------------------------

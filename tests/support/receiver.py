@@ -21,9 +21,10 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +255,43 @@ class Receiver:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.05))
+
+
+@contextlib.contextmanager
+def in_thread(rx: Receiver) -> Iterator[Receiver]:
+    """Serve `rx` from an event loop in a background thread, for code under test that runs its
+    own loop (`asyncio.run` inside a synchronous call)."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        await rx.start()
+        started.set()
+        await stop.wait()
+        await rx.stop()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10), "the receiver did not start"
+        yield rx
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+def json_answer(data: Any, code: int = 200) -> Behaviour:
+    async def handler(_: web.Request, __: int) -> web.StreamResponse:
+        return web.json_response(data, status=code)
+    return handler
+
+
+def text_answer(text: str, code: int = 200) -> Behaviour:
+    async def handler(_: web.Request, __: int) -> web.StreamResponse:
+        return web.Response(status=code, text=text)
+    return handler
 
 
 # --- as its own process (the benchmark) -------------------------------------------------------
