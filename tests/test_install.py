@@ -509,6 +509,10 @@ def test_an_override_onto_another_columns_field_is_refused(
 
 def test_an_override_for_a_missing_column_does_not_clash(db: Db) -> None:
     install.install(db.config(webhooks={"field_names": {"license": {"no_such": "ActivationKey"}}}))
+    names = dict(db.query("SELECT column_name, coalesce(override, field_name) "
+                          "FROM qlm_bridge.field_map WHERE kind = 'license'"))
+    assert names["activation_key"] == "ActivationKey"  # the present column keeps its name
+    assert names["no_such"] == "ActivationKey"  # kept for when the column appears
 
 
 def test_the_sample_schema_has_unique_field_names(empty_db: Db) -> None:

@@ -89,6 +89,7 @@ async def _scrape_a_running_daemon(db: Db) -> None:
     task = asyncio.create_task(d.run())
     try:
         await asyncio.wait_for(d.ready.wait(), 10)
+        before_ann = time.monotonic()
         db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
         db.execute("INSERT INTO license_keys (activation_key, customer_id) VALUES ('K1', 1)")
         async with aiohttp.ClientSession() as session:
@@ -111,8 +112,14 @@ async def _scrape_a_running_daemon(db: Db) -> None:
             assert _get(m, captured, event_type="customer_created") == 1
             assert _get(m, captured, event_type="license_created") == 1
             assert _get(m, "qlm_bridge_listener_connected") == 1
+            # the one pending delivery (to /down) is the oldest: its age is bounded by the time
+            # since Ann was written, and it keeps growing while it waits
             oldest = _get(m, "qlm_bridge_oldest_pending_seconds")
-            assert oldest is not None and oldest >= 0
+            assert oldest is not None and 0 < oldest <= time.monotonic() - before_ann + 0.5
+            await asyncio.sleep(1)
+            later = _get(await scraper.metrics(), "qlm_bridge_oldest_pending_seconds")
+            assert later is not None and later - oldest >= 0.9
+            m = scraper.samples
             assert _get(m, "qlm_bridge_in_flight") == 0
             assert await scraper.json("/healthz") == (200, {"status": "ok"})
             code, body = await scraper.json("/readyz")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from bridge import install
-from bridge.daemon import Daemon
 from bridge.embedded import EmbeddedPostgres
 from bridge.errors import BridgeError
 from tests.support.campaign import (
@@ -180,8 +179,8 @@ def test_uninstall_while_the_daemon_runs(db: Db, tmp_path: Path) -> None:
             await asyncio.to_thread(insert_licenses, db.dsn, "late", 0, 10)  # not captured
             await rx.wait_for(lambda: _settled(db.dsn), 30, "what was captured to drain")
             await asyncio.to_thread(install.uninstall, db.config(), True)  # drops the schema
-            await asyncio.sleep(1.5)
-            alive = d.proc is not None and d.proc.poll() is None
+            await d.wait_log("is gone", occurrences=2)  # says so, and keeps saying so
+            alive = d.alive
             await d.terminate()
         finally:
             d.kill()
@@ -192,7 +191,8 @@ def test_uninstall_while_the_daemon_runs(db: Db, tmp_path: Path) -> None:
     assert len(delivered) == 300  # everything captured before the uninstall is delivered
     assert alive  # the daemon waits for a reinstall instead of dying
     assert "Traceback" not in log
-    assert "qlm_bridge" in log  # the error names what is missing
+    gone = [line for line in log.splitlines() if "is gone" in line]
+    assert "the bridge schema 'qlm_bridge' is gone" in gone[0], gone  # names what is missing
 
 
 def test_install_by_a_role_without_create_rights(empty_db: Db) -> None:
@@ -214,27 +214,29 @@ def test_install_by_a_role_without_create_rights(empty_db: Db) -> None:
         empty_db.execute(f"DROP ROLE {role}")
 
 
-def test_two_daemons_with_different_configs(db: Db) -> None:
-    """Each daemon fans out with its own subscriptions: an event fanned out by one never
-    reaches a URL only the other subscribes. The second daemon must be refused, or both URLs
-    served."""
-    async def run() -> tuple[set[str], set[str], list[BaseException | None]]:
+def test_two_daemons_with_different_configs(db: Db, tmp_path: Path) -> None:
+    """README: a daemon started with other subscriptions than a running one refuses to start
+    (exit 2) and names the running daemon; the running one keeps delivering."""
+    async def run() -> tuple[int, str, int, set[str], list[str]]:
         rx = await Receiver().start()
-        a = Daemon(db.config(webhooks={"events": {"license_created": [rx.url("/a")]}}))
-        b = Daemon(db.config(webhooks={"events": {"license_created": [rx.url("/b")]}}))
-        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
-        await asyncio.wait([asyncio.ensure_future(a.ready.wait()), *tasks],
-                           return_when=asyncio.ALL_COMPLETED, timeout=3)
-        await asyncio.to_thread(insert_licenses, db.dsn, "T", 0, 200)
-        await rx.wait_for(lambda: _settled(db.dsn), 20, "settle")
-        a.stop()
-        b.stop()
-        done, _ = await asyncio.wait(tasks, timeout=10)
-        await rx.stop()
-        return rx.unique("/a"), rx.unique("/b"), [t.exception() for t in done]
+        first = DaemonProcess(tmp_path, campaign_config(
+            db.dsn, webhooks={"events": {"license_created": [rx.url("/a")]}}), name="a").start()
+        second = DaemonProcess(tmp_path, campaign_config(
+            db.dsn, webhooks={"events": {"license_created": [rx.url("/b")]}}), name="b")
+        try:
+            await first.wait_ready(db.dsn)
+            code = await second.start().wait(timeout=30)
+            await asyncio.to_thread(insert_licenses, db.dsn, "T", 0, 200)
+            await rx.wait_for(lambda: _settled(db.dsn), 20, "settle")
+            assert await first.terminate() == 0
+        finally:
+            first.kill()
+            second.kill()
+            await rx.stop()
+        return code, second.log(), first.pid, rx.unique("/a"), [r.path for r in rx.on("/b")]
 
-    got_a, got_b, errors = asyncio.run(run())
-    refused = [e for e in errors if isinstance(e, BridgeError)]
-    every = event_ids(db.dsn)
-    assert refused or (every <= got_a and every <= got_b), \
-        f"/a got {len(got_a)}, /b got {len(got_b)} of {len(every)} events"
+    code, log, first_pid, got_a, got_b = asyncio.run(run())
+    assert code == 2, log
+    assert "webhooks.events/enabled differ" in log and f"pid {first_pid}" in log, log
+    assert "Traceback" not in log
+    assert got_a == event_ids(db.dsn) and got_b == []
