@@ -40,8 +40,10 @@ async def ok(_: web.Request, __: int) -> web.StreamResponse:
 
 
 def status(code: int, **headers: str) -> Behaviour:
+    text = None if code in (204, 304) else f"status {code}"  # these carry no body
+
     async def handler(_: web.Request, __: int) -> web.StreamResponse:
-        return web.Response(status=code, text=f"status {code}", headers=headers)
+        return web.Response(status=code, text=text, headers=headers)
     return handler
 
 
@@ -65,6 +67,26 @@ def delay(seconds: float) -> Behaviour:
         await asyncio.sleep(seconds)
         return web.Response(text="ok")
     return handler
+
+
+@dataclass
+class InFlight:
+    """Counts the requests being answered at once, across every path it is installed on."""
+
+    now: int = 0
+    peak: int = 0
+
+    def behaviour(self, seconds: float) -> Behaviour:
+        """Hold each request `seconds`, then answer 200."""
+        async def handler(_: web.Request, __: int) -> web.StreamResponse:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                self.now -= 1
+            return web.Response(text="ok")
+        return handler
 
 
 def black_hole() -> Behaviour:
