@@ -50,7 +50,7 @@ CREATE TABLE "LicenseKeys" (
 );
 """
 
-CAPTURE = {
+CAPTURE: dict[str, Any] = {
     "licenses": {"table": "LicenseKeys", "key": ["ActivationKey", "ProductId"],
                  "activation": {"increases": ["ActivationCount"], "becomes_set": ["ComputerID"]},
                  "release": {"becomes_empty": ["ComputerID"]}},

@@ -206,7 +206,7 @@ async def _redirect(db: Db) -> None:
                               "max_retries": 1})
     async with running(cfg):
         db.execute("INSERT INTO customers (full_name) VALUES ('Ed')")
-        await wait_until(lambda: states(db) and "pending" not in states(db), what="settled")
+        await wait_until(lambda: bool(states(db)) and "pending" not in states(db), what="settled")
     await rx.stop()
     assert rx.anything_but({"/hook"}) == []  # a followed 302 would arrive as a GET /elsewhere
     assert states(db) == {"failed": 1}

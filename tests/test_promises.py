@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -230,42 +230,52 @@ async def _busy(db: Db, rx: Receiver) -> None:
         await asyncio.to_thread(_until_writers_skip_notify, db, listener)
 
 
+async def _across_the_switch(db: Db, tmp_path: Path, daemon: dict[str, float],
+                             writer: psycopg.Connection[Any], while_busy: str,
+                             after_switch: str | None, within: float) -> set[str]:
+    """`writer` runs `while_busy` while the daemon drains a burst with NOTIFY off, then (after
+    the daemon has gone idle and switched NOTIFY on) `after_switch`, and commits without a
+    NOTIFY. Its event must arrive within `within` seconds. Returns the event ids received."""
+    rx = await Receiver().start()
+    cfg = config_data(db.dsn, webhooks={"events": {"license_created": rx.url()},
+                                        "per_url_concurrency": 4}, daemon=daemon)
+    d = DaemonProcess(tmp_path, cfg).start()
+    try:
+        await d.wait_ready(db.dsn)
+        await _busy(db, rx)
+        writer.execute(while_busy.encode())
+        await rx.wait_for(lambda: len(rx.on("/hook")) >= BURST, 30, "the burst")
+        with _listening(db) as listener:
+            await asyncio.to_thread(_until_writers_notify, db, listener)
+            if after_switch is not None:
+                writer.execute(after_switch.encode())
+            writer.commit()
+            assert not await asyncio.to_thread(_notified, listener, 0.3), \
+                "the writer NOTIFYed: it did not miss the switch, nothing was tested"
+        await rx.wait_for(lambda: len(rx.unique("/hook")) == BURST + 1, within,
+                          f"the writer's event within {within:g} s")
+        assert await d.terminate() == 0
+    finally:
+        d.kill()
+        await rx.stop()
+    return rx.unique("/hook")
+
+
 @pytest.mark.parametrize("isolation", [psycopg.IsolationLevel.REPEATABLE_READ,
                                        psycopg.IsolationLevel.SERIALIZABLE])
 def test_repeatable_read_and_serializable_writers_get_their_events(
         db: Db, tmp_path: Path, isolation: psycopg.IsolationLevel) -> None:
     """README: such a writer reads the NOTIFY flag from its snapshot, which may be stale; its
-    event may wait for the next poll (about poll_interval, 1 s here), never longer."""
-    burst = BURST
-
-    async def run() -> set[str]:
-        rx = await Receiver().start()
-        cfg = config_data(db.dsn, webhooks={"events": {"license_created": rx.url()},
-                                            "per_url_concurrency": 4},
-                          daemon={"poll_interval": 1.0})
-        d = DaemonProcess(tmp_path, cfg).start()
-        try:
-            await d.wait_ready(db.dsn)
-            with psycopg.connect(db.dsn) as writer:
-                writer.isolation_level = isolation
-                await _busy(db, rx)
-                writer.execute("SELECT count(*) FROM license_keys")  # the snapshot: busy
-                await rx.wait_for(lambda: len(rx.on("/hook")) >= burst, 30, "the burst")
-                with _listening(db) as listener:
-                    await asyncio.to_thread(_until_writers_notify, db, listener)
-                    writer.execute("INSERT INTO license_keys (activation_key) VALUES ('STALE')")
-                    writer.commit()
-                    assert not await asyncio.to_thread(_notified, listener, 0.3), \
-                        "the writer NOTIFYed: its snapshot was not stale, nothing was tested"
-            await rx.wait_for(lambda: len(rx.unique("/hook")) == burst + 1, 6,
-                              "the stale writer's event within a poll or two")
-            assert await d.terminate() == 0
-        finally:
-            d.kill()
-            await rx.stop()
-        return rx.unique("/hook")
-
-    assert asyncio.run(run()) == _event_ids(db)
+    event may wait for the next poll (about poll_interval, 1 s here), never longer. Its snapshot
+    is taken while the daemon is busy, its row written after the daemon went idle."""
+    with psycopg.connect(db.dsn) as writer:
+        writer.isolation_level = isolation
+        got = asyncio.run(_across_the_switch(
+            db, tmp_path, {"poll_interval": 1.0}, writer,
+            while_busy="SELECT count(*) FROM license_keys",
+            after_switch="INSERT INTO license_keys (activation_key) VALUES ('STALE')",
+            within=6))
+    assert got == _event_ids(db)
 
 
 def test_a_writer_that_missed_the_notify_switch_is_polled_for_at_once(
@@ -274,34 +284,12 @@ def test_a_writer_that_missed_the_notify_switch_is_polled_for_at_once(
     writer that might have missed the switch has finished. The writer here inserts while the
     daemon is busy (no NOTIFY), and commits after the switch. The regular poll is 30 s away
     (24 s at the least, with jitter), so an arrival within 8 s is that last poll's doing."""
-    burst = BURST
-
-    async def run() -> set[str]:
-        rx = await Receiver().start()
-        cfg = config_data(db.dsn, webhooks={"events": {"license_created": rx.url()},
-                                            "per_url_concurrency": 4},
-                          daemon={"poll_interval": 30, "lease": 60})
-        d = DaemonProcess(tmp_path, cfg).start()
-        try:
-            await d.wait_ready(db.dsn)
-            with psycopg.connect(db.dsn) as writer, ExitStack() as stack:
-                await _busy(db, rx)
-                writer.execute("INSERT INTO license_keys (activation_key) VALUES ('MISSED')")
-                listener = stack.enter_context(_listening(db))
-                await rx.wait_for(lambda: len(rx.on("/hook")) >= burst, 30, "the burst")
-                await asyncio.to_thread(_until_writers_notify, db, listener)
-                writer.commit()
-                assert not await asyncio.to_thread(_notified, listener, 0.3), \
-                    "the writer NOTIFYed: it did not miss the switch, nothing was tested"
-            await rx.wait_for(lambda: len(rx.unique("/hook")) == burst + 1, 8,
-                              "the writer's event, long before the next regular poll")
-            assert await d.terminate() == 0
-        finally:
-            d.kill()
-            await rx.stop()
-        return rx.unique("/hook")
-
-    assert asyncio.run(run()) == _event_ids(db)
+    with psycopg.connect(db.dsn) as writer:
+        got = asyncio.run(_across_the_switch(
+            db, tmp_path, {"poll_interval": 30, "lease": 60}, writer,
+            while_busy="INSERT INTO license_keys (activation_key) VALUES ('MISSED')",
+            after_switch=None, within=8))
+    assert got == _event_ids(db)
 
 
 # --- replay ------------------------------------------------------------------------------------
