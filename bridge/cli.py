@@ -45,11 +45,21 @@ config_option = click.option(
 )
 
 
-def load_config(path: str | None) -> config_mod.Config:
+site_option = click.option(
+    "--site", "site", metavar="NAME", envvar="QLM_BRIDGE_SITE",
+    help="The site (license database) to work on, from the config's `sites:`; required when "
+         "there are several.")
+
+
+def load_sites(path: str | None) -> config_mod.Sites:
     if not path:
         raise config_mod.ConfigError("no configuration: pass --config FILE or set "
                                      "QLM_BRIDGE_CONFIG")
-    return config_mod.load(path)
+    return config_mod.load_sites(path)
+
+
+def load_config(path: str | None, site: str | None = None) -> config_mod.Config:
+    return load_sites(path).pick(site)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,29 +70,38 @@ def main() -> None:
 
 @main.command()
 @config_option
+@site_option
+@click.option("--all-sites", is_flag=True, help="Install every site of the config.")
 @click.option("--sample-schema", is_flag=True,
               help="Create the sample QLM-style tables (customers, license_keys) when missing.")
 @click.option("--print-sql", is_flag=True, help="Print the SQL instead of applying it.")
 @handle_errors
-def install(config_path: str | None, sample_schema: bool, print_sql: bool) -> None:
+def install(config_path: str | None, site: str | None, all_sites: bool, sample_schema: bool,
+            print_sql: bool) -> None:
     """Install (or upgrade in place) the capture triggers and the bridge schema."""
     from bridge import install as install_mod
 
-    cfg = load_config(config_path)
-    if print_sql:
-        plan = install_mod.plan(cfg, sample_schema)
-        click.echo("BEGIN;\n" + plan.sql + "\nCOMMIT;")
-        return
-    plan = install_mod.install(cfg, sample_schema)
-    schema = cfg.database.schema_name
-    if plan.from_version is None:
-        click.echo(f"installed bridge schema {schema!r} version {plan.to_version}")
-    elif plan.from_version < plan.to_version:
-        click.echo(f"upgraded bridge schema {schema!r} from version {plan.from_version} "
-                   f"to {plan.to_version}")
-    else:
-        click.echo(f"bridge schema {schema!r} is at version {plan.to_version}; "
-                   "capture triggers refreshed")
+    sites = load_sites(config_path)
+    if all_sites and site is not None:
+        raise click.UsageError("give --site NAME or --all-sites, not both")
+    chosen = sites.configs if all_sites else {site or "": sites.pick(site)}
+    for name, cfg in chosen.items():
+        prefix = f"site {name}: " if all_sites and sites.explicit else ""
+        if print_sql:
+            plan = install_mod.plan(cfg, sample_schema)
+            click.echo(f"-- {prefix}\n" if prefix else "", nl=False)
+            click.echo("BEGIN;\n" + plan.sql + "\nCOMMIT;")
+            continue
+        plan = install_mod.install(cfg, sample_schema)
+        schema = cfg.database.schema_name
+        if plan.from_version is None:
+            click.echo(f"{prefix}installed bridge schema {schema!r} version {plan.to_version}")
+        elif plan.from_version < plan.to_version:
+            click.echo(f"{prefix}upgraded bridge schema {schema!r} from version "
+                       f"{plan.from_version} to {plan.to_version}")
+        else:
+            click.echo(f"{prefix}bridge schema {schema!r} is at version {plan.to_version}; "
+                       "capture triggers refreshed")
 
 
 @main.command()
@@ -90,12 +109,14 @@ def install(config_path: str | None, sample_schema: bool, print_sql: bool) -> No
 @click.option("--drop-data", is_flag=True,
               help="Also drop the bridge schema with its events, deliveries and log.")
 @click.option("--print-sql", is_flag=True, help="Print the SQL instead of applying it.")
+@site_option
 @handle_errors
-def uninstall(config_path: str | None, drop_data: bool, print_sql: bool) -> None:
+def uninstall(config_path: str | None, drop_data: bool, print_sql: bool,
+              site: str | None) -> None:
     """Remove the capture triggers and functions (the data tables stay unless --drop-data)."""
     from bridge import install as install_mod
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, site)
     if print_sql:
         click.echo("BEGIN;\n" + install_mod.render_uninstall(cfg, drop_data) + "\nCOMMIT;")
         return
@@ -111,8 +132,7 @@ def run(config_path: str | None) -> None:
     """Run the delivery daemon until SIGTERM/SIGINT (SIGHUP reloads the config)."""
     from bridge import daemon
 
-    cfg = load_config(config_path)
-    daemon.main(cfg, config_path)
+    daemon.main(load_sites(config_path), config_path)
 
 
 # --- operator commands (status, replay, prune, send-test); the logic is in bridge/ops.py ------
@@ -155,8 +175,9 @@ def _end_counter() -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@site_option
 @handle_errors
-def status(config_path: str | None, as_json: bool) -> None:
+def status(config_path: str | None, as_json: bool, site: str | None) -> None:
     """Queue counts per URL and event type, the oldest pending age and the daemons seen.
 
     PENDING counts every delivery still to do; IN-FLIGHT (claimed by a daemon, lease running)
@@ -166,12 +187,20 @@ def status(config_path: str | None, as_json: bool) -> None:
 
     from bridge import ops
 
-    cfg = load_config(config_path)
-    report = ops.status(cfg.database.dsn, cfg)
-    if as_json:
-        click.echo(json_mod.dumps(report.to_json(), indent=2))
+    sites = load_sites(config_path)
+    names = [site] if site is not None else sites.names()
+    reports = {name: ops.status(sites.pick(name).database.dsn, sites.pick(name))
+               for name in names}
+    if not sites.explicit:
+        report = reports[names[0]]
+        click.echo(json_mod.dumps(report.to_json(), indent=2) if as_json
+                   else ops.format_status(report))
+    elif as_json:
+        click.echo(json_mod.dumps({"sites": {n: r.to_json() for n, r in reports.items()}},
+                                  indent=2))
     else:
-        click.echo(ops.format_status(report))
+        click.echo("\n\n".join(f"== site {n} ==\n{ops.format_status(r)}"
+                                for n, r in reports.items()))
 
 
 @main.command()
@@ -190,9 +219,11 @@ def status(config_path: str | None, as_json: bool) -> None:
               help="Also replay deliveries that succeeded (default: failed and skipped only).")
 @click.option("--all", "everything", is_flag=True,
               help="Replay every failed and skipped delivery (needed when no filter is given).")
+@site_option
 @handle_errors
 def replay(config_path: str | None, event_ids: tuple[Any, ...], urls: tuple[str, ...],
-           event_types: tuple[str, ...], since: Any, all_states: bool, everything: bool) -> None:
+           event_types: tuple[str, ...], since: Any, all_states: bool, everything: bool,
+           site: str | None) -> None:
     """Re-queue failed and skipped deliveries (due now, attempts reset) for the daemon."""
     from bridge import ops
 
@@ -200,7 +231,7 @@ def replay(config_path: str | None, event_ids: tuple[Any, ...], urls: tuple[str,
     if selection.is_empty() and not everything:
         raise click.UsageError("say what to replay: --event-id, --url, --event-type, "
                                "--failed-since, or --all for every failed/skipped delivery")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, site)
     show = _live_counter("queued")
     seen = 0
 
@@ -227,16 +258,17 @@ def replay(config_path: str | None, event_ids: tuple[Any, ...], urls: tuple[str,
                    "retention.delivered_days).")
 @click.option("--logs-older-than", callback=_duration, metavar="DURATION",
               help="Delete attempt_log rows older than this (default retention.log_days).")
+@site_option
 @handle_errors
 def prune(config_path: str | None, older_than: float | None,
-          logs_older_than: float | None) -> None:
+          logs_older_than: float | None, site: str | None) -> None:
     """Delete delivered/skipped events and old log rows, in small batches (writers never wait).
 
     Events with a pending or failed delivery are kept, whatever their age.
     """
     from bridge import ops
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, site)
     show = _live_counter("pruned")
 
     def progress(p: ops.PruneProgress) -> None:
@@ -255,8 +287,10 @@ def prune(config_path: str | None, older_than: float | None,
 @click.option("--event", "event_type", metavar="TYPE",
               help="Event type of the sample (default license_activated); without URL, send to "
                    "every URL configured for it.")
+@site_option
 @handle_errors
-def send_test(config_path: str | None, url: str | None, event_type: str | None) -> None:
+def send_test(config_path: str | None, url: str | None, event_type: str | None,
+              site: str | None) -> None:
     """POST a signed sample event to URL and print status, latency and response.
 
     Checks a receiver before going live: exit 0 when every answer is 2xx, else 1. Redirects are
@@ -266,7 +300,7 @@ def send_test(config_path: str | None, url: str | None, event_type: str | None) 
 
     if url is None and event_type is None:
         raise click.UsageError("give a URL, or --event TYPE to test the URLs configured for it")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, site)
     kind = event_type or "license_activated"
     urls: tuple[str, ...] = (url,) if url else ops.targets_for(cfg, kind)
     if not urls:

@@ -13,8 +13,9 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import psycopg
@@ -158,6 +159,53 @@ class DatabaseConfig(_Model):
         return self.schema_name
 
 
+_RESERVED_HEADERS = ("content-type", "user-agent")
+_RESERVED_PREFIXES = ("x-qlm-", "webhook-")
+
+
+class CircuitBreakerConfig(_Model):
+    """Open after `failures` consecutive failed attempts; send one probe after `cooldown` s."""
+
+    failures: int = Field(default=5, ge=1, le=10000)
+    cooldown: float = Field(default=60.0, gt=0, le=86400)
+
+
+class EndpointConfig(_Model):
+    """Settings of one receiver URL (webhooks.endpoints.<url>); a key left out falls back to
+    the global webhooks.* value."""
+
+    secret_key: str | None = None
+    timeout: float | None = Field(default=None, gt=0, le=600)
+    max_retries: int | None = Field(default=None, ge=0, le=1000)
+    retry_interval: float | None = Field(default=None, ge=0, le=7 * 86400)
+    retry_policy: Literal["fixed", "exponential"] | None = None
+    max_retry_interval: float | None = Field(default=None, gt=0)
+    per_url_concurrency: int | None = Field(default=None, ge=1, le=1000)
+    rate_limit: float | None = Field(default=None, gt=0, le=100000)  # requests/s, all daemons
+    ordering: Literal["none", "per_key"] | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and value == "":
+            raise ValueError("is empty; remove the key to use webhooks.secret_key")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            low = name.lower()
+            if low in _RESERVED_HEADERS or low.startswith(_RESERVED_PREFIXES):
+                raise ValueError(f"{name!r} is set by the bridge itself and cannot be "
+                                 "overridden (Content-Type, User-Agent, X-QLM-*, webhook-*)")
+            if not name or any(c in name for c in " :\r\n\t") or any(c in text for c in "\r\n"):
+                raise ValueError(f"{name!r}: not a valid header name or value")
+        return value
+
+
 class WebhooksConfig(_Model):
     enabled: bool = Field(default=True, validation_alias=AliasChoices("enabled", "webHooksEnabled"))
     secret_key: str | None = Field(
@@ -186,6 +234,28 @@ class WebhooksConfig(_Model):
     field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict
     )
+    ordering: Literal["none", "per_key"] = "none"
+    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _empty_endpoints(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):  # `"https://x":` with nothing under it: all defaults
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _endpoints_are_subscribed(self) -> WebhooksConfig:
+        known = list(dict.fromkeys(u for _, u in self.subscriptions()))
+        for url in self.endpoints:
+            if url not in known:
+                close = difflib.get_close_matches(url, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"endpoints: {url!r} is not a URL of webhooks.events; "
+                                 f"{hint}every key of endpoints must be one")
+        return self
 
     @field_validator("secret_key")
     @classmethod
@@ -276,7 +346,7 @@ class DaemonConfig(_Model):
     batch_size: int = Field(default=200, ge=1, le=10000)
     poll_interval: float = Field(default=2.0, gt=0, le=3600)
     lease: float = Field(default=60.0, gt=0)
-    heartbeat_interval: float = Field(default=5.0, gt=0)
+    heartbeat_interval: float = Field(default=1.0, gt=0)
     shutdown_timeout: float = Field(default=10.0, ge=0)
     reconnect_max_delay: float = Field(default=10.0, gt=0)
 
@@ -324,11 +394,15 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _lease_longer_than_timeout(self) -> Config:
-        if self.daemon.lease <= self.webhooks.timeout:
+        wh = self.webhooks
+        timeouts = [("webhooks.timeout", wh.timeout)] + [
+            (f"webhooks.endpoints.{url}.timeout", e.timeout)
+            for url, e in wh.endpoints.items() if e.timeout is not None]
+        key, longest = max(timeouts, key=lambda kv: kv[1])
+        if self.daemon.lease <= longest:
             raise ValueError(
-                f"daemon.lease ({self.daemon.lease:g} s) must be longer than webhooks.timeout "
-                f"({self.webhooks.timeout:g} s), or other daemons would redeliver in-flight "
-                "requests"
+                f"daemon.lease ({self.daemon.lease:g} s) must be longer than {key} "
+                f"({longest:g} s), or other daemons would redeliver in-flight requests"
             )
         return self
 
@@ -430,13 +504,18 @@ def _prepare(model: type[_Model], data: Any, path: str, errors: list[str]) -> An
 def _model_at(loc: tuple[int | str, ...]) -> type[_Model] | None:
     """The config model a validation error's location points into (for spelling hints)."""
     model: type[_Model] | None = Config
+    keyed = False  # the part before was a mapping of sections (webhooks.endpoints): a key
     for part in loc:
         if model is None or not isinstance(part, str):
             return None
+        if keyed:
+            keyed = False
+            continue
         found = None
         for name, field in model.model_fields.items():
             if part in _keys_of(name, field):
                 found = _section_model(field.annotation)
+                keyed = get_origin(field.annotation) is dict and found is not None
                 break
         model = found
     return model
@@ -548,8 +627,120 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
                                  _construct_mapping)
 
 
-def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate one YAML config file."""
+# --- sites ---------------------------------------------------------------------------------
+
+DEFAULT_SITE = "default"
+# What a site may set; top-level webhooks, capture and retention are every site's defaults.
+SITE_KEYS = ("database", "webhooks", "capture", "retention")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Every site of one config file, each as a complete Config (top-level defaults merged
+    in); `explicit` when the file has a `sites:` section (else one site named "default")."""
+
+    configs: dict[str, Config]
+    explicit: bool = False
+
+    def names(self) -> list[str]:
+        return list(self.configs)
+
+    def first(self) -> Config:
+        """The config whose daemon and observe sections the process uses (shared by all)."""
+        return next(iter(self.configs.values()))
+
+    def pick(self, name: str | None) -> Config:
+        """One site's config: `name` must be given when there are several."""
+        known = ", ".join(self.configs)
+        if name is None:
+            if len(self.configs) == 1:
+                return self.first()
+            raise ConfigError(f"this config has {len(self.configs)} sites ({known}): "
+                              "choose one with --site NAME")
+        if name not in self.configs:
+            close = difflib.get_close_matches(name, list(self.configs), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"--site: no site {name!r}; {hint}known sites: {known}")
+        return self.configs[name]
+
+
+def _merge_section(top: Any, site: Any) -> Any:
+    """A site's section over the top-level one, key by key."""
+    if isinstance(top, dict) and isinstance(site, dict):
+        return {**top, **site}
+    return site if site is not None else top
+
+
+def _database_identity(dsn: str) -> tuple[str, str, str]:
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return (dsn, "", "")
+    return (str(info.get("host") or "local"), str(info.get("port") or "5432"),
+            str(info.get("dbname") or info.get("user") or ""))
+
+
+def parse_sites(data: Any, source: str = "<config>",
+                env: Mapping[str, str] | None = None) -> Sites:
+    """Validate a document that may have `sites:`; every problem is reported at once."""
+    if not isinstance(data, dict) or "sites" not in data:
+        return Sites({DEFAULT_SITE: parse(data, source, env)})
+    sites, top = data["sites"], {k: v for k, v in data.items() if k != "sites"}
+    errors: list[str] = []
+    if not isinstance(sites, dict) or not sites:
+        raise ConfigError(f"{source}: sites: must be a mapping of site names to their "
+                          "database, webhooks, capture and retention")
+    if "database" in top:
+        errors.append("database: with sites:, every site names its own database "
+                      "(sites.<name>.database); move it under a site")
+    configs: dict[str, Config] = {}
+    for name, section in sites.items():
+        where = f"sites.{name}"
+        if not isinstance(name, str) or not _SITE_NAME.match(name):
+            errors.append(f"{where}: a site name is letters, digits, '_', '-' or '.'")
+            continue
+        section = {} if section is None else section
+        if not isinstance(section, dict):
+            errors.append(f"{where}: must be a mapping (database:, webhooks:, ...)")
+            continue
+        for key in section:
+            if key not in SITE_KEYS:
+                close = difflib.get_close_matches(str(key), SITE_KEYS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                errors.append(f"{where}.{key}: a site may set only {', '.join(SITE_KEYS)}; "
+                              f"{hint}daemon and observe are shared by every site")
+        merged = dict(top)
+        for key in SITE_KEYS:
+            merged[key] = _merge_section(top.get(key), section.get(key))
+        try:
+            configs[name] = parse(merged, f"{source}: {where}", env)
+        except ConfigError as exc:
+            errors.append(str(exc).replace(f"{source}: {where}: ", f"{where}: ", 1))
+    seen: dict[tuple[tuple[str, str, str], str], str] = {}
+    for name, cfg in configs.items():
+        key = (_database_identity(cfg.database.dsn), cfg.database.schema_name)
+        if key in seen:
+            errors.append(f"sites.{seen[key]} and sites.{name}: the same database and bridge "
+                          f"schema ({describe_dsn(cfg.database.dsn)}, schema "
+                          f"{cfg.database.schema_name!r}); give one of them its own "
+                          "database.schema")
+        seen.setdefault(key, name)
+    if errors:
+        detail = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"{source}: invalid configuration ({len(errors)} problem"
+                          f"{'s' if len(errors) != 1 else ''}):\n{detail}")
+    return Sites(configs, explicit=True)
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+         site: str | None = None) -> Config:
+    """Read, expand and validate one YAML config file; with several sites, `site` picks one."""
+    return load_sites(path, env).pick(site)
+
+
+def load_sites(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Sites:
+    """Read, expand and validate one YAML config file, with every site it has."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -570,4 +761,4 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         if context and ctx_mark is not None:
             problem += f" ({context} started on line {ctx_mark.line + 1})"
         raise ConfigError(f"{p}:{where} YAML syntax error: {problem}") from None
-    return parse(data, str(p), env)
+    return parse_sites(data, str(p), env)

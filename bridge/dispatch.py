@@ -97,6 +97,7 @@ class Dispatcher:
     def __init__(self, cfg: WebhooksConfig) -> None:
         self.cfg = cfg
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         resolver: AbstractResolver | None = GuardedResolver() if self.cfg.block_private_addresses \
@@ -115,9 +116,18 @@ class Dispatcher:
             await self._session.close()
             self._session = None
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        found = self._timeouts.get(seconds)
+        if found is None:
+            found = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return found
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str],
+                   timeout: float | None = None) -> Outcome:
+        """POST once; `timeout` (seconds) overrides webhooks.timeout for this request."""
         assert self._session is not None, "Dispatcher.start() first"
         limit = self.cfg.max_response_body
+        seconds = self.cfg.timeout if timeout is None else timeout
         start = time.perf_counter()
         try:
             if self.cfg.block_private_addresses:
@@ -126,14 +136,15 @@ class Dispatcher:
                     raise BlockedAddress(f"{host} is a blocked address")
             data: bytes | io.BytesIO = body if len(body) < _LARGE else io.BytesIO(body)
             async with self._session.post(url, data=data, headers=headers,
-                                          allow_redirects=False) as resp:
+                                          allow_redirects=False,
+                                          timeout=self._timeout(seconds)) as resp:
                 raw = await resp.content.read(limit + 1) if limit else b""
                 status = resp.status
                 text = sanitize(raw.decode("utf-8", "replace"), limit) if raw else None
                 retry_after = parse_retry_after(resp.headers.get("Retry-After")) \
                     if status in (429, 503) else None
         except TimeoutError:
-            return self._fail(start, f"timeout after {self.cfg.timeout:g} s")
+            return self._fail(start, f"timeout after {seconds:g} s")
         except BlockedAddress as exc:
             return self._fail(start, f"blocked: {exc}")
         except aiohttp.ClientError as exc:

@@ -17,9 +17,9 @@ from bridge.config import ActivationRule, Config
 from bridge.errors import ConfigError, DatabaseUnavailable, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # version -> file that brings a database from version-1 to version.
-MIGRATIONS: dict[int, str] = {1: "schema_v1.sql"}
+MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_engine.sql"}
 LOCK_KEY = 0x514C4D42  # 'QLMB': serialises concurrent installs
 
 

@@ -14,13 +14,14 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 import psycopg
 
 from bridge import install, sql
@@ -162,6 +163,17 @@ class DaemonRow:
     heartbeat_age: float
     config_hash: str | None
     stale: bool
+    gone_at: datetime | None = None  # marked gone by a live daemon (missed heartbeats)
+
+
+@dataclass(frozen=True)
+class EndpointRow:
+    """Shared state of an endpoint with a rate limit or a circuit breaker."""
+
+    url: str
+    rate_limit: float | None
+    breaker: str  # "closed", "open (12 s left)", "half-open (probing)" or "-"
+    failures: int
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,7 @@ class Status:
     unfanned_events: int
     oldest_pending_age: float | None
     daemons: tuple[DaemonRow, ...]
+    endpoints: tuple[EndpointRow, ...] = ()
 
     def totals(self) -> dict[str, int]:
         return {c: sum(getattr(r, c) for r in self.deliveries) for c in COUNTS}
@@ -181,6 +194,7 @@ class Status:
         for d in out["daemons"]:
             d["started_at"] = d["started_at"].isoformat()
             d["heartbeat_at"] = d["heartbeat_at"].isoformat()
+            d["gone_at"] = d["gone_at"].isoformat() if d["gone_at"] else None
         out["totals"] = self.totals()
         return out
 
@@ -194,10 +208,28 @@ def status(conn_or_dsn: Conn | str, config: Config, now: datetime | None = None)
                      for r in conn.execute(q["status_deliveries"], params).fetchall())
         summary = conn.execute(q["status_summary"], params).fetchone()
         daemons = tuple(
-            DaemonRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], float(r[5]) > stale_after)
+            DaemonRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6],
+                      float(r[5]) > stale_after, r[7])
             for r in conn.execute(q["status_daemons"], params).fetchall())
+        endpoints = tuple(_endpoint_row(config, r)
+                          for r in conn.execute(q["status_endpoints"], params).fetchall())
     assert summary is not None
-    return Status(summary[2], rows, int(summary[0]), summary[1], daemons)
+    return Status(summary[2], rows, int(summary[0]), summary[1], daemons, endpoints)
+
+
+def _endpoint_row(config: Config, r: Sequence[Any]) -> EndpointRow:
+    url, failures, is_open, open_for = r[0], int(r[1]), bool(r[2]), r[3]
+    ep = config.webhooks.endpoints.get(url)
+    if is_open:
+        breaker = f"open ({format_age(open_for)} left)"
+    elif open_for is not None:
+        breaker = "half-open (next request is a probe)"
+    elif ep is not None and ep.circuit_breaker is not None:
+        breaker = "closed"
+    else:
+        breaker = "-"
+    return EndpointRow(redact_url(url), ep.rate_limit if ep is not None else None, breaker,
+                       failures)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
@@ -230,12 +262,23 @@ def format_status(report: Status) -> str:
         lines += _table(
             ["ID", "HOST", "PID", "STARTED (UTC)", "LAST HEARTBEAT", "CONFIG"],
             [[d.id, d.hostname, str(d.pid), f"{d.started_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
-              f"{format_age(d.heartbeat_age)} ago" + (" (stale)" if d.stale else ""),
+              f"{format_age(d.heartbeat_age)} ago" + _daemon_note(d),
               d.config_hash or "-"] for d in report.daemons],
             {2})
     else:
         lines.append("daemons: none seen (is `qlm-bridge run` running?)")
+    if report.endpoints:
+        lines += ["", f"endpoints with shared limits ({len(report.endpoints)}):"]
+        lines += _table(["URL", "RATE LIMIT", "BREAKER", "FAILURES IN A ROW"],
+                        [[e.url, f"{e.rate_limit:g}/s" if e.rate_limit else "-", e.breaker,
+                          str(e.failures)] for e in report.endpoints], {3})
     return "\n".join(lines)
+
+
+def _daemon_note(d: DaemonRow) -> str:
+    if d.gone_at is not None:
+        return f" (gone: missed heartbeats; seen gone at {d.gone_at.astimezone(UTC):%H:%M:%S})"
+    return " (stale)" if d.stale else ""
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -317,37 +360,64 @@ class PruneProgress:
     logs: int
 
 
-def prune_once(conn_or_dsn: Conn | str, config: Config, now: datetime | None = None, *,
-               older_than: float | None = None, logs_older_than: float | None = None,
-               progress: Callable[[PruneProgress], None] | None = None) -> tuple[int, int]:
+Run = Callable[[str, dict[str, Any]], Awaitable[list[Any]]]
+
+
+async def prune(run: Run, config: Config, now: datetime | None = None, *,
+                older_than: float | None = None, logs_older_than: float | None = None,
+                progress: Callable[[PruneProgress], None] | None = None) -> tuple[int, int]:
     """Delete settled events (all deliveries delivered or skipped, or none) older than
     retention.delivered_days and attempt_log rows older than retention.log_days, in batches of
-    retention.batch_size, each batch its own short transaction. Returns (events, log rows)."""
+    retention.batch_size, each batch its own short transaction. Returns (events, log rows).
+    `run(block, params)` runs one named block of ops.sql and returns its rows (psycopg for the
+    CLI, asyncpg in the daemon)."""
     retention = config.retention
     batch = retention.batch_size
     events_age = older_than if older_than is not None else retention.delivered_days * 86400
     logs_age = logs_older_than if logs_older_than is not None else retention.log_days * 86400
     events = logs = 0
-    with _session(conn_or_dsn, config) as (conn, q):
-        params: dict[str, Any] = {"now": now, "older_than": events_age, "batch": batch,
-                                  "after_at": datetime.min.replace(tzinfo=UTC), "after_id": 0}
-        while True:
-            got = conn.execute(q["prune_events"], params).fetchall()
-            events += len(got)
-            if progress and got:
-                progress(PruneProgress(events, logs))
-            if len(got) < batch:
-                break
-            params["after_at"], params["after_id"] = max(got)
-        log_params = {"now": now, "older_than": logs_age, "batch": batch}
-        while True:
-            deleted = conn.execute(q["prune_logs"], log_params).rowcount
-            logs += max(deleted, 0)
-            if progress and deleted > 0:
-                progress(PruneProgress(events, logs))
-            if deleted < batch:
-                break
+    params: dict[str, Any] = {"now": now, "older_than": events_age, "batch": batch,
+                              "after_at": datetime.min.replace(tzinfo=UTC), "after_id": 0}
+    while True:
+        got = [tuple(r) for r in await run("prune_events", params)]
+        events += len(got)
+        if progress and got:
+            progress(PruneProgress(events, logs))
+        if len(got) < batch:
+            break
+        params["after_at"], params["after_id"] = max(got)
+    log_params = {"now": now, "older_than": logs_age, "batch": batch}
+    while True:
+        deleted = len(await run("prune_logs", log_params))
+        logs += deleted
+        if progress and deleted:
+            progress(PruneProgress(events, logs))
+        if deleted < batch:
+            break
     return events, logs
+
+
+def prune_once(conn_or_dsn: Conn | str, config: Config, now: datetime | None = None, *,
+               older_than: float | None = None, logs_older_than: float | None = None,
+               progress: Callable[[PruneProgress], None] | None = None) -> tuple[int, int]:
+    """`prune` over psycopg (the CLI)."""
+    with _session(conn_or_dsn, config) as (conn, q):
+        async def run(name: str, params: dict[str, Any]) -> list[Any]:
+            return conn.execute(q[name], params).fetchall()
+
+        return asyncio.run(prune(run, config, now, older_than=older_than,
+                                 logs_older_than=logs_older_than, progress=progress))
+
+
+async def prune_pool(pool: asyncpg.Pool, config: Config) -> tuple[int, int]:
+    """`prune` over the daemon's asyncpg pool (the same statements)."""
+    q = _queries(config.database.schema_name)
+
+    async def run(name: str, params: dict[str, Any]) -> list[Any]:
+        text, names = sql.numbered(q[name])
+        return list(await pool.fetch(text, *(params[n] for n in names)))
+
+    return await prune(run, config)
 
 
 # --- send-test -------------------------------------------------------------------------------

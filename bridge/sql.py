@@ -60,6 +60,23 @@ def render(text: str, **values: str) -> str:
     return text
 
 
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+
+@functools.cache
+def numbered(text: str) -> tuple[str, tuple[str, ...]]:
+    """A psycopg statement (``%(name)s`` parameters) as an asyncpg one (``$n``), and the
+    parameter names in $n order, so one statement text serves both drivers."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return _NAMED.sub(number, text), tuple(names)
+
+
 @functools.cache
 def queries(schema: str) -> dict[str, str]:
     """The runtime queries of `queries.sql`, rendered for one bridge schema."""

@@ -54,6 +54,31 @@ class Result:
     response_body: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What `admit` allowed one endpoint: how many requests, and when to ask again."""
+
+    granted: int
+    wait: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerOutcome:
+    url: str
+    ok: bool  # an attempt of the batch succeeded
+    tail: int  # failed attempts after the last success
+    threshold: int
+    cooldown: float
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChange:
+    url: str
+    state: str  # opens | open | closed
+    was_open: bool
+    failures: int
+
+
 def asyncpg_dsn(dsn: str) -> str:
     """asyncpg takes URLs only; turn a libpq key=value DSN into one."""
     if "://" in dsn:
@@ -81,16 +106,24 @@ def asyncpg_dsn(dsn: str) -> str:
 class Store:
     def __init__(self, pool: asyncpg.Pool, schema: str, owner: str) -> None:
         self.pool = pool
-        self.q = sql.queries(schema)
+        q = dict(sql.queries(schema))
+        tail = q.pop("claimed_rows").rstrip().rstrip(";")
+        self.q = {name: text.replace("__CLAIMED_ROWS__", tail) for name, text in q.items()}
         self.owner = owner
 
-    async def fan_out(self, limit: int, subscriptions: Sequence[tuple[str, str]],
-                      enabled: bool) -> dict[str, int]:
-        """Fan out up to `limit` new events; how many of each event type."""
+    async def produce(self, limit: int, subscriptions: Sequence[tuple[str, str]],
+                      enabled: bool, room: dict[str, int], ordered: Sequence[str],
+                      keys: tuple[Sequence[str], Sequence[str]],
+                      lease: float) -> tuple[list[Claimed], dict[str, int]]:
+        """Fan out up to `limit` new events, claiming up to ``room[url]`` of the new
+        deliveries at once; returns the claimed rows and how many events of each type."""
         rows = await self.pool.fetch(
-            self.q["fan_out"], limit, [s[0] for s in subscriptions],
-            [s[1] for s in subscriptions], enabled)
-        return {r["event_type"]: int(r["events"]) for r in rows}
+            self.q["produce"], limit, [s[0] for s in subscriptions],
+            [s[1] for s in subscriptions], enabled, list(room), list(room.values()),
+            self.owner, lease, list(ordered), list(keys[0]), list(keys[1]))
+        claimed = [_claimed(r) for r in rows if r["id"] is not None]
+        fanned = {r["event_type"]: int(r["attempts"]) for r in rows if r["id"] is None}
+        return claimed, fanned
 
     async def claim(self, wanted: dict[str, int], lease: float,
                     now: datetime | None = None) -> list[Claimed]:
@@ -99,10 +132,38 @@ class Store:
                                      self.owner, lease, now)
         return [_claimed(r) for r in rows]
 
+    async def endpoints_init(self, urls: Sequence[str], bursts: Sequence[float]) -> None:
+        await self.pool.execute(self.q["endpoints_init"], list(urls), list(bursts))
+
+    async def admit(self, wanted: dict[str, int], rates: Sequence[float | None],
+                    bursts: Sequence[float], probe_for: float) -> dict[str, Admission]:
+        """Take rate tokens and breaker probes for shared-state endpoints."""
+        rows = await self.pool.fetch(self.q["admit"], list(wanted), list(wanted.values()),
+                                     list(rates), list(bursts), self.owner, probe_for)
+        return {r["url"]: Admission(int(r["granted"]), r["wait"]) for r in rows}
+
+    async def refund(self, unused: dict[str, int], probes: set[str]) -> None:
+        urls = sorted(set(unused) | probes)
+        await self.pool.execute(self.q["refund"], urls, [float(unused.get(u, 0)) for u in urls],
+                                [u in probes for u in urls], self.owner)
+
+    async def breaker_outcomes(self, outcomes: Sequence[BreakerOutcome]) -> list[BreakerChange]:
+        rows = await self.pool.fetch(
+            self.q["breaker_outcomes"], [o.url for o in outcomes], [o.ok for o in outcomes],
+            [o.tail for o in outcomes], [o.threshold for o in outcomes],
+            [o.cooldown for o in outcomes])
+        return [BreakerChange(r["url"], r["state"], r["was_open"], r["failures"]) for r in rows]
+
+    async def reap_daemons(self) -> list[asyncpg.Record]:
+        """Mark daemons that missed three heartbeats gone and release what they held."""
+        return list(await self.pool.fetch(self.q["reap_daemons"], self.owner))
+
     async def pending_urls(self) -> list[str]:
         return [r[0] for r in await self.pool.fetch(self.q["pending_urls"])]
 
-    async def ack(self, results: Sequence[Result]) -> None:
+    async def ack(self, results: Sequence[Result], resent: bool = False) -> None:
+        """Record finished attempts; `resent` when an earlier try of this batch may have
+        committed unseen (then no attempt is logged twice)."""
         cols: list[list[Any]] = [[] for _ in range(12)]
         for r in results:
             c = r.claimed
@@ -110,7 +171,7 @@ class Store:
                                    c.event.event_id, c.event.event_type, c.url, r.started_at,
                                    r.duration_ms, r.response_body)):
                 cols[i].append(v)
-        await self.pool.execute(self.q["ack"], *cols, self.owner)
+        await self.pool.execute(self.q["ack"], *cols, self.owner, resent)
 
     async def release(self, ids: Sequence[int]) -> None:
         await self.pool.execute(self.q["release"], list(ids), self.owner)
@@ -124,8 +185,10 @@ class Store:
     async def snapshot_settled(self, snapshot: str) -> bool:
         return bool(await self.pool.fetchval(self.q["snapshot_settled"], snapshot))
 
-    async def heartbeat(self, hostname: str, pid: int, config_hash: str) -> None:
-        await self.pool.execute(self.q["heartbeat"], self.owner, hostname, pid, config_hash)
+    async def heartbeat(self, hostname: str, pid: int, config_hash: str,
+                        interval: float) -> None:
+        await self.pool.execute(self.q["heartbeat"], self.owner, hostname, pid, config_hash,
+                                interval)
 
     async def daemon_gone(self) -> None:
         await self.pool.execute(self.q["daemon_gone"], self.owner)

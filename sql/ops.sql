@@ -37,11 +37,21 @@ SELECT (SELECT count(*) FROM __SCHEMA__.event WHERE NOT fanned_out) AS unfanned,
        coalesce(%(now)s::timestamptz, now()) AS now;
 
 -- name: status_daemons
+-- gone_at: set by a live daemon when this one missed three heartbeats (killed or cut off).
 SELECT id, hostname, pid, started_at, heartbeat_at,
        extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - heartbeat_at)::float8 AS age,
-       config_hash
+       config_hash, gone_at
   FROM __SCHEMA__.daemon
- ORDER BY heartbeat_at DESC, id;
+ ORDER BY gone_at IS NOT NULL, heartbeat_at DESC, id;
+
+-- name: status_endpoints
+-- The shared state of endpoints with a rate limit or a circuit breaker.
+SELECT url, failures, open_until > coalesce(%(now)s::timestamptz, now()) AS open,
+       extract(epoch FROM open_until - coalesce(%(now)s::timestamptz, now()))::float8
+           AS open_for,
+       tokens
+  FROM __SCHEMA__.endpoint
+ ORDER BY url;
 
 -- name: replay_batch
 -- Re-queue up to %(batch)s matching deliveries with id > %(after)s; each filter is ignored when
@@ -126,4 +136,5 @@ WITH doomed AS (
 )
 DELETE FROM __SCHEMA__.attempt_log a
  USING doomed
- WHERE a.id = doomed.id;
+ WHERE a.id = doomed.id
+RETURNING 1;

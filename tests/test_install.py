@@ -23,6 +23,7 @@ from tests.support.config import base_config
 from tests.support.server import Db
 
 CAPTURE_FUNCS = ("capture_license_v1", "capture_customer_v1")
+V = install.SCHEMA_VERSION
 
 
 def qi(name: str) -> str:
@@ -91,7 +92,7 @@ def test_second_install_changes_nothing(db: Db) -> None:
     before = snapshot(db)
     assert len(before["triggers"]) == 2 and len(before["functions"]) == 3
     plan = install.install(db.config(), sample_schema=True)
-    assert (plan.from_version, plan.to_version) == (1, 1)
+    assert (plan.from_version, plan.to_version) == (V, V)
     assert snapshot(db) == before
     # one trigger per table still: each change gives exactly one event
     db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
@@ -103,11 +104,11 @@ def test_cli_install_twice_exits_0(empty_db: Db, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", empty_db.dsn)
     first = cli("install", "--config", str(cfg), "--sample-schema")
     assert first.returncode == 0, first.stderr
-    assert "installed bridge schema 'qlm_bridge' version 1" in first.stdout
+    assert f"installed bridge schema 'qlm_bridge' version {V}" in first.stdout
     before = snapshot(empty_db)
     second = cli("install", "--config", str(cfg), "--sample-schema")
     assert second.returncode == 0, second.stderr
-    assert "is at version 1" in second.stdout
+    assert f"is at version {V}" in second.stdout
     assert snapshot(empty_db) == before
 
 
@@ -136,8 +137,8 @@ def test_concurrent_installs_both_succeed(empty_db: Db) -> None:
     for t in threads:
         t.join(30)
     assert all(isinstance(r, install.Plan) for r in results), results
-    assert sorted(r.from_version or 0 for r in results if isinstance(r, install.Plan)) == [0, 1]
-    assert empty_db.scalar("SELECT count(*) FROM qlm_bridge.version") == 1
+    assert sorted(r.from_version or 0 for r in results if isinstance(r, install.Plan)) == [0, V]
+    assert empty_db.scalar("SELECT max(version) FROM qlm_bridge.version") == V
 
 
 # --- transactional -----------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_missing_table_is_named(empty_db: Db) -> None:
 def test_newer_schema_version_is_refused(db: Db, tmp_path: Path) -> None:
     db.execute("INSERT INTO qlm_bridge.version (version) VALUES (99)")
     before = snapshot(db)
-    with pytest.raises(InstallError, match=r"version 99, newer than this qlm-bridge \(1\)"):
+    with pytest.raises(InstallError, match=rf"version 99, newer than this qlm-bridge \({V}\)"):
         install.install(db.config())
     assert snapshot(db) == before
     cfg = write_config(tmp_path / "c.yaml", db.dsn)
@@ -236,13 +237,13 @@ def test_printed_sql_applies_with_psql(empty_db: Db, tmp_path: Path) -> None:
     applied = psql(empty_db.dsn, script)
     assert applied.returncode == 0, applied.stderr
     assert "ERROR" not in applied.stderr
-    assert empty_db.query("SELECT version FROM qlm_bridge.version") == [(1,)]
+    assert empty_db.query("SELECT max(version) FROM qlm_bridge.version") == [(V,)]
     empty_db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
     empty_db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
     assert event_types(empty_db) == ["customer_created", "license_created"]
     # the same as the installer's own result: a real install now has nothing to add
     before = snapshot(empty_db)
-    assert install.install(empty_db.config(), sample_schema=True).from_version == 1
+    assert install.install(empty_db.config(), sample_schema=True).from_version == V
     assert snapshot(empty_db) == before
 
     printed = cli("uninstall", "--config", str(cfg), "--print-sql")
@@ -268,7 +269,7 @@ def test_uninstall_keeps_data_and_install_again_works(db: Db) -> None:
     install.uninstall(db.config())  # a second uninstall is a no-op
 
     plan = install.install(db.config())
-    assert plan.from_version == 1
+    assert plan.from_version == V
     assert db.query("SELECT version, installed_at FROM qlm_bridge.version") == versions
     db.execute("UPDATE license_keys SET computer_id = 'PC1' WHERE activation_key = 'K2'")
     assert event_types(db) == ["license_created", "license_activated"]

@@ -36,6 +36,8 @@ def _parse(text: str) -> Samples:
 
 
 def _get(samples: Samples, name: str, **labels: str) -> float | None:
+    """A sample of the (only) site, "default", unless another site is named."""
+    labels.setdefault("site", "default")
     return samples.get((name, frozenset(labels.items())))
 
 

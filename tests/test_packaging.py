@@ -49,7 +49,7 @@ assert Path(bridge.__file__).resolve().is_relative_to(target), bridge.__file__
 d = s._sql_dir().resolve()
 assert d == target / "bridge" / "sql", d
 queries = s.queries("qlm_bridge")
-assert "fan_out" in queries and '"qlm_bridge".event' in queries["fan_out"], sorted(queries)
+assert "produce" in queries and '"qlm_bridge".event' in queries["produce"], sorted(queries)
 assert "license_function" in s.blocks("capture_v1.sql")
 print(d)
 """
