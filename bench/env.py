@@ -273,7 +273,7 @@ def start_daemon(procs: Procs, workdir: Path, data: dict[str, Any], wait: bool =
                  name: str = "daemon") -> Daemon:
     port = free_port()
     data = {**data, "observe": {**data.get("observe", {}), "listen": f"127.0.0.1:{port}"}}
-    config_mod.parse(data, "<bench config>", env={})  # fail early on a bad bench config
+    config_mod.parse_sites(data, "<bench config>", env={})  # fail early on a bad config
     d = Daemon(DaemonProcess(workdir, data, name=f"{name}-{port}").start(), port)
     procs.started.append(d.proc)
     if wait:

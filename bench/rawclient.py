@@ -1,8 +1,9 @@
 """The raw ceiling, run in its own process: the bridge's own HTTP client (bridge.dispatch) posting
-the same body N times to one URL with C requests in flight, no database.
+the same body N times to one URL with C requests in flight, no database, on the daemon's own event
+loop (`bridge.daemon.run_loop`: uvloop where installed), so the two sides compare like for like.
 
 `python -m bench.rawclient URL N C BODY_FILE HEADERS_JSON_FILE` prints one JSON line:
-{"start": t0, "end": t1, "ok": n, "errors": n} (time.time()).
+{"start": t0, "end": t1, "ok": n, "errors": n, "loop": "uvloop"} (time.time()).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import WebhooksConfig
+from bridge.daemon import run_loop
 from bridge.dispatch import Dispatcher
 
 
 async def blast(url: str, n: int, concurrency: int, body: bytes,
-                headers: dict[str, str]) -> dict[str, float]:
+                headers: dict[str, str]) -> dict[str, Any]:
     dispatcher = Dispatcher(WebhooksConfig(max_concurrency=concurrency,
                                            per_url_concurrency=concurrency))
     await dispatcher.start()
@@ -42,25 +44,25 @@ async def blast(url: str, n: int, concurrency: int, body: bytes,
         end = time.time()
     finally:
         await dispatcher.close()
-    return {"start": start, "end": end, "ok": ok, "errors": errors}
+    return {"start": start, "end": end, "ok": ok, "errors": errors, "loop": loop_name()}
 
 
-def _run(coro: Any) -> Any:
-    """The same event loop as the daemon (uvloop where installed): a like-for-like ceiling."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+def loop_name() -> str:
+    """The running event loop's implementation ("uvloop" or "asyncio"), for the figure's notes."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def main() -> None:
     url, n, c, body_file, headers_file = sys.argv[1:6]
     body = Path(body_file).read_bytes()
     headers = json.loads(Path(headers_file).read_text())
-    result = _run(blast(url, int(n), int(c), body, headers))
-    print(json.dumps(result), flush=True)
+    result: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        result.append(await blast(url, int(n), int(c), body, headers))
+
+    run_loop(run())
+    print(json.dumps(result[0]), flush=True)
 
 
 if __name__ == "__main__":

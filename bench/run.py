@@ -1,5 +1,6 @@
 """`python -m bench [--quick] [--dsn DSN] [--only P1,P2] [--profile]`: run P1-P6 against a
-PostgreSQL server (embedded by default), write bench/results/latest.json and latest.md."""
+PostgreSQL server (embedded by default), write bench/results/latest.json, latest.md and the PNG
+plots (P2 receipts over time, P3 latency of each event against its send time)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import env, scenarios
+from bench import engine_features, env, scenarios
 from bench.scenarios import Figure
 
 HERE = Path(__file__).resolve().parent
+SCENARIOS = {**scenarios.ALL, "P7": engine_features.p7_ordering, "P8": engine_features.p8_sites}
 
 
 def code_version() -> dict[str, str]:
@@ -63,6 +65,10 @@ def _fmt(v: float | None) -> str:
     return f"{v:.0f}"
 
 
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def markdown(figures: list[Figure], info: dict[str, Any]) -> str:
     met = {True: "yes", False: "**no**", None: "-"}
     lines = [
@@ -90,10 +96,25 @@ def markdown(figures: list[Figure], info: dict[str, Any]) -> str:
         value = f"{_fmt(f.value)} {f.unit}".strip()
         base = f"{_fmt(f.baseline)} {f.unit}".strip() if f.baseline is not None else "-"
         note = f" ({f.notes})" if f.notes else ""
-        lines.append(f"| {f.figure}{note} | {value} | {base} | {_fmt(f.ratio)} | "
+        lines.append(f"| {f.figure}{note} | {value} | {base} | {_ratio(f.ratio)} | "
                      f"{f.target} | {met[f.met]} |")
+    lines += ["", "Ratios are value / baseline, both measured in this run; a target written as "
+              "a ratio (`>= 0.60x`) applies to that column."]
+    if info.get("plots"):
+        lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in info["plots"]) + "."]
     lines += ["", f"Run time: {info['seconds']:.0f} s. Command: `{info['command']}`.", ""]
     return "\n".join(lines)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as run, for the results; never the DSN (it may carry a password)."""
+    parts = ["python -m bench"]
+    parts += ["--quick"] if args.quick else []
+    parts += [f"--only {args.only}"] if args.only else []
+    parts += [f"--per-url {args.per_url}"] if args.per_url is not None else []
+    parts += [f"--p3-seconds {args.p3_seconds:g}"] if args.p3_seconds is not None else []
+    parts += ["--dsn ..."] if args.dsn else []
+    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,17 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated subset, e.g. P2,P4")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the daemon during P2 and P4 (bench/profiles/)")
-    ap.add_argument("--per-url", type=int, default=8,
-                    help="P2 per-URL concurrency (the raw client uses the same)")
+    ap.add_argument("--per-url", type=int, default=None,
+                    help="the bridge's per_url_concurrency in P2 and P4 (default: the daemon's "
+                    f"default); the raw client and pgqueuer keep {scenarios.PEER_IN_FLIGHT} in "
+                    "flight")
+    ap.add_argument("--p3-seconds", type=float, default=None,
+                    help="P3's duration per rate (default: 10 s quick, 30 s full)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args(argv)
-    wanted = [p.strip().upper() for p in args.only.split(",") if p.strip()] or list(
-        scenarios.ALL)
+    wanted = [p.strip().upper() for p in args.only.split(",") if p.strip()] or list(SCENARIOS)
     started = time.monotonic()
     figures: list[Figure] = []
     modes = scenarios.Modes.of(args.quick)
     modes.per_url = args.per_url
+    if args.p3_seconds is not None:
+        modes.p3_seconds = args.p3_seconds
     procs = env.Procs()
     workdir = Path(tempfile.mkdtemp(prefix="qlm-bench-"))
     print(f"bench: work dir {workdir}", flush=True)
@@ -125,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             ctx = scenarios.Ctx(procs, dbs, rx, workdir, modes,
                                 profile_dir=HERE / "profiles" if args.profile else None,
                                 postmaster=server.postmaster_pid(),
-                                log=lambda s: print(s, flush=True))
+                                log=lambda s: print(s, flush=True), results=Path(args.out))
             for name in wanted:
                 t = time.monotonic()
                 print(f"{name} ...", flush=True)
                 try:
-                    figures += scenarios.ALL[name](ctx)
+                    figures += SCENARIOS[name](ctx)
                 except Exception as exc:  # one failed measurement must not lose the others
                     print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
                     figures.append(Figure(name, f"{name} (failed: {type(exc).__name__}: "
@@ -139,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             info = {"mode": "quick" if args.quick else "full",
                     "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                     "machine": machine(server), "seconds": time.monotonic() - started,
-                    "command": "python -m bench" + (" --quick" if args.quick else "")
-                    + (f" --only {args.only}" if args.only else "")}
+                    "plots": ctx.shared.get("plots", []),
+                    "command": _command(args)}
         finally:
             procs.close()
             dbs.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -54,29 +56,72 @@ def burst(dsn: str, n: int, prefix: str, chunk: int = 10_000) -> float:
 
 @dataclass(frozen=True)
 class Steady:
-    commits: dict[str, float]  # activation_key -> commit time (time.time())
-    behind_ms: float  # how far the writer fell behind its schedule at worst
+    sent: dict[str, float]  # activation_key -> time.time() just before `execute` sent the INSERT
+    committed: dict[str, float]  # activation_key -> time.time() when `execute` returned (commit)
+    behind_ms: float  # how far a writer fell behind its schedule at worst
+    writers: int  # connections (threads), each with one warm-up row before the schedule
+
+    @property
+    def insert_ms(self) -> list[float]:
+        """Each INSERT's own round trip (autocommit: send to commit), ms."""
+        return [(self.committed[k] - t) * 1000 for k, t in self.sent.items()]
+
+    @property
+    def rate(self) -> float:
+        """The rate the writers reached (they can fall short of the schedule)."""
+        times = sorted(self.sent.values())
+        return (len(times) - 1) / max(1e-6, times[-1] - times[0]) if len(times) > 1 else 0.0
 
 
-def steady(dsn: str, rate: float, seconds: float, prefix: str) -> Steady:
-    """One single-row INSERT transaction every 1/rate s on an absolute schedule."""
-    commits: dict[str, float] = {}
+WRITER_RATE = 150  # events/s one writer connection is asked for at most (a commit ~1-3 ms)
+
+
+@dataclass
+class _Log:
+    """What the writer threads record (dict and list updates are atomic under the GIL)."""
+
+    sent: dict[str, float] = field(default_factory=dict)
+    committed: dict[str, float] = field(default_factory=dict)
+    behind: list[float] = field(default_factory=list)
+
+
+def _write(dsn: str, schedule: list[tuple[str, float]], warmup: str, log: _Log) -> None:
+    """One connection's share of the schedule: (key, due time) in order."""
     behind = 0.0
-    total = int(rate * seconds)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(_ONE, (f"{prefix}warmup",))
-        start = time.time() + 0.2
-        for i in range(total):
-            due = start + i / rate
+        conn.execute(_ONE, (warmup,))
+        for key, due in schedule:
             now = time.time()
             if due > now:
                 time.sleep(due - now)
             else:
                 behind = max(behind, now - due)
-            key = f"{prefix}{i}"
+            log.sent[key] = time.time()
             conn.execute(_ONE, (key,))
-            commits[key] = time.time()
-    return Steady(commits, behind * 1000)
+            log.committed[key] = time.time()
+    log.behind.append(behind)
+
+
+def steady(dsn: str, rate: float, seconds: float, prefix: str) -> Steady:
+    """Single-row INSERTs (psycopg autocommit) at `rate` per second on an absolute schedule,
+    spread round-robin over enough connections (one thread each) that one slow commit does not
+    hold back the next event. Each event's time is taken just before `execute`, because that is
+    when an application asks for the change: latency = arrival at the receiver minus that time.
+    Each connection first writes one warm-up row (`<prefix>warmup-<n>`)."""
+    writers = max(1, math.ceil(rate / WRITER_RATE))
+    total = int(rate * seconds)
+    start = time.time() + 0.3 + 0.1 * writers  # connect and warm up first
+    schedule = [(f"{prefix}{i}", start + i / rate) for i in range(total)]
+    log = _Log()
+    threads = [threading.Thread(target=_write, args=(dsn, schedule[w::writers],
+                                                     f"{prefix}warmup-{w}", log))
+               for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent = dict(sorted(log.sent.items(), key=lambda kv: kv[1]))
+    return Steady(sent, log.committed, max(log.behind, default=0.0) * 1000, writers)
 
 
 def preload(dsn: str, rows: int) -> None:

@@ -39,6 +39,7 @@ from bridge.sql import quote_ident
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _IDENT_MAX = 63
+CONSOLE_TOKEN_MIN = 16
 
 
 class _Model(BaseModel):
@@ -174,7 +175,7 @@ class EndpointConfig(_Model):
     """Settings of one receiver URL (webhooks.endpoints.<url>); a key left out falls back to
     the global webhooks.* value."""
 
-    secret_key: str | None = None
+    secret_key: str | None = Field(default=None, repr=False)
     timeout: float | None = Field(default=None, gt=0, le=600)
     max_retries: int | None = Field(default=None, ge=0, le=1000)
     retry_interval: float | None = Field(default=None, ge=0, le=7 * 86400)
@@ -184,7 +185,7 @@ class EndpointConfig(_Model):
     rate_limit: float | None = Field(default=None, gt=0, le=100000)  # requests/s, all daemons
     ordering: Literal["none", "per_key"] | None = None
     circuit_breaker: CircuitBreakerConfig | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)  # often credentials
 
     @field_validator("secret_key")
     @classmethod
@@ -209,7 +210,7 @@ class EndpointConfig(_Model):
 class WebhooksConfig(_Model):
     enabled: bool = Field(default=True, validation_alias=AliasChoices("enabled", "webHooksEnabled"))
     secret_key: str | None = Field(
-        default=None, validation_alias=AliasChoices("secret_key", "webHookSecretKey")
+        default=None, repr=False, validation_alias=AliasChoices("secret_key", "webHookSecretKey")
     )
     max_retries: int = Field(
         default=5, ge=0, le=1000, validation_alias=AliasChoices("max_retries", "webHookMaxRetries")
@@ -224,8 +225,8 @@ class WebhooksConfig(_Model):
     max_retry_interval: float = Field(default=3600.0, gt=0)
     timeout: float = Field(default=10.0, gt=0, le=600)
     max_concurrency: int = Field(default=64, ge=1, le=10000)
-    per_url_concurrency: int = Field(default=8, ge=1, le=1000)
-    prefetch: int = Field(default=32, ge=0, le=10000)
+    per_url_concurrency: int = Field(default=16, ge=1, le=1000)
+    prefetch: int = Field(default=256, ge=0, le=10000)
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
@@ -343,7 +344,7 @@ class CaptureConfig(_Model):
 
 
 class DaemonConfig(_Model):
-    batch_size: int = Field(default=200, ge=1, le=10000)
+    batch_size: int = Field(default=500, ge=1, le=10000)
     poll_interval: float = Field(default=2.0, gt=0, le=3600)
     lease: float = Field(default=60.0, gt=0)
     heartbeat_interval: float = Field(default=1.0, gt=0)
@@ -366,6 +367,20 @@ class ObserveConfig(_Model):
     listen: str | None = None  # "127.0.0.1:9187" serves /metrics, /healthz, /readyz
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The web console (bridge/console/) is served on `listen` while a token is set. A secret:
+    # never logged, rendered or shown in repr().
+    console_token: str | None = Field(default=None, repr=False)
+    console_read_only: bool = False
+
+    @field_validator("console_token")
+    @classmethod
+    def _check_console_token(cls, value: str | None) -> str | None:
+        # The message never contains the value.
+        if value is not None and len(value) < CONSOLE_TOKEN_MIN:
+            raise ValueError(f"is too short ({len(value)} characters); use at least "
+                             f"{CONSOLE_TOKEN_MIN} random characters, e.g. from "
+                             "`openssl rand -hex 24`, passed as ${VAR}")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -381,7 +396,7 @@ class ObserveConfig(_Model):
         if self.listen is None:
             return None
         host, _, port = self.listen.rpartition(":")
-        return (host.strip("[]") or "0.0.0.0", int(port))
+        return (host.strip("[]") or "127.0.0.1", int(port))
 
 
 class Config(_Model):

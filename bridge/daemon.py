@@ -19,6 +19,7 @@ import asyncpg
 
 from bridge import config as config_mod
 from bridge.config import DEFAULT_SITE, Config, Sites
+from bridge.console import console_for
 from bridge.engine.executor import describe
 from bridge.engine.site import Site
 from bridge.errors import BridgeError
@@ -68,7 +69,8 @@ class Daemon:
             address = self.config.observe.address()
             if address is not None:
                 runner = await serve(address[0], address[1], self.metrics, self.readiness,
-                                     self.refresh_gauges)
+                                     self.refresh_gauges,  # and the web console:
+                                     console_for(self.config.observe, lambda: self.sites.values()))
             for site in self.sites.values():
                 self._start(site)
             watcher = asyncio.create_task(self._watch_ready(), name="ready")

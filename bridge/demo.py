@@ -223,7 +223,8 @@ def _drop_schemas(cfg: Config, target: Target) -> None:
                                 schema=sql.quote_ident(target.data_schema)).encode())
 
 
-def demo_config(target: Target, url: str, secret: str, metrics_port: int | None) -> Config:
+def demo_config(target: Target, url: str, secret: str, metrics_port: int | None,
+                console_token: str | None = None) -> Config:
     data: dict[str, Any] = {
         "database": {"dsn": target.dsn, "schema": target.bridge_schema, "connect_timeout": 5},
         "webhooks": {"secret_key": secret, "events": {e: [url] for e in QLM_EVENTS},
@@ -236,7 +237,8 @@ def demo_config(target: Target, url: str, secret: str, metrics_port: int | None)
         data["capture"] = {"licenses": {"schema": target.data_schema},
                            "customers": {"schema": target.data_schema}}
     if metrics_port is not None:
-        data["observe"] = {"listen": f"127.0.0.1:{metrics_port}"}
+        data["observe"] = {"listen": f"127.0.0.1:{metrics_port}",
+                           "console_token": console_token}
     return config_mod.parse(data, "<demo config>", env={})
 
 
@@ -324,7 +326,8 @@ async def _run(options: Options, target: Target, echo: Echo) -> None:
     secret = "demo-" + secrets.token_urlsafe(18)
     rx = await DemoReceiver(secret, echo, options.show_bodies).start()
     metrics_port = _free_port() if options.keep else None
-    cfg = demo_config(target, rx.url, secret, metrics_port)
+    console_token = secrets.token_urlsafe(24) if options.keep else None
+    cfg = demo_config(target, rx.url, secret, metrics_port, console_token)
     daemon: Daemon | None = None
     task: asyncio.Task[None] | None = None
     installed = False
@@ -344,7 +347,7 @@ async def _run(options: Options, target: Target, echo: Echo) -> None:
             await _play(target, rx, echo)
         _summary(rx, echo)
         if options.keep:
-            await _explore(target, rx, metrics_port, echo)
+            await _explore(target, rx, metrics_port, console_token, echo)
     except TimeoutError:
         raise BridgeError(_timeout_message(rx, options.timeout)) from None
     finally:
@@ -409,7 +412,7 @@ def _summary(rx: DemoReceiver, echo: Echo) -> None:
 
 
 async def _explore(target: Target, rx: DemoReceiver, metrics_port: int | None,
-                   echo: Echo) -> None:
+                   console_token: str | None, echo: Echo) -> None:
     tables = ("customers, license_keys" if target.data_schema is None
               else f"{target.data_schema}.customers, {target.data_schema}.license_keys")
     rx.written_at.clear()  # from now on, latency counts from each event's capture time
@@ -418,6 +421,8 @@ async def _explore(target: Target, rx: DemoReceiver, metrics_port: int | None,
     echo(f"  receiver  {rx.url}")
     echo(f"  metrics   http://127.0.0.1:{metrics_port}/metrics   "
          f"(and /healthz, /readyz)")
+    echo(f"  console   http://127.0.0.1:{metrics_port}/console   "
+         f"(log in with the token {console_token})")
     customers = "customers" if target.data_schema is None else f"{target.data_schema}.customers"
     echo(f"  try:      psql '{target.dsn}' -c \"INSERT INTO {customers} "
          "(full_name) VALUES ('Grace Hopper')\"")

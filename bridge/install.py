@@ -7,6 +7,7 @@ capture_v1.sql (trigger functions and triggers, replaced on every install), chec
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -118,6 +119,24 @@ def _capture(config: Config) -> list[str]:
     return out
 
 
+def key_index_name(column: str) -> str:
+    """The name of the console's index on one capture key column (a hash keeps it short)."""
+    return f"event_key_{hashlib.sha256(column.encode()).hexdigest()[:10]}_idx"
+
+
+def _console_indexes(config: Config) -> list[str]:
+    """The web console's indexes (sql/console.sql), created when missing by every install."""
+    blocks = sql.blocks("console.sql")
+    schema = sql.quote_ident(config.database.schema_name)
+    out = [sql.render(blocks["open_index"], schema=schema)]
+    columns = dict.fromkeys((*config.capture.licenses.key, *config.capture.customers.key))
+    for column in columns:
+        out.append(sql.render(blocks["key_index"], schema=schema,
+                              name=sql.quote_ident(key_index_name(column)),
+                              column=sql.quote_literal(column)))
+    return out
+
+
 def _funcref(config: Config, func: str) -> str:
     """``'"schema"."func"()'``: a capture function's signature as a literal for to_regprocedure."""
     schema = sql.quote_ident(config.database.schema_name)
@@ -166,6 +185,7 @@ def render_install(config: Config, from_version: int | None, sample_schema: bool
     for version in range(1 if from_version is None else from_version + 1, SCHEMA_VERSION + 1):
         parts.append(sql.render(sql.read(MIGRATIONS[version]), schema=schema))
     parts += _capture(config)
+    parts += _console_indexes(config)
     parts += _field_names(config)
     return Plan(from_version, SCHEMA_VERSION, "\n".join(parts))
 

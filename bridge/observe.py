@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -127,10 +127,18 @@ class SiteMetrics:
 Check = Callable[[str | None], Awaitable[tuple[bool, str, dict[str, tuple[bool, str]]] | None]]
 
 
+class Mountable(Protocol):
+    """Something that adds its routes to the app (the web console, bridge/console/)."""
+
+    def install(self, app: web.Application) -> None: ...
+
+
 async def serve(host: str, port: int, metrics: Metrics, ready: Check,
-                refresh: Callable[[], Awaitable[None]] | None = None) -> web.AppRunner:
-    """Serve /metrics, /healthz (process alive) and /readyz (every enabled site's database and
-    LISTEN up; `/readyz?site=NAME` checks one site)."""
+                refresh: Callable[[], Awaitable[None]] | None = None,
+                console: Mountable | None = None) -> web.AppRunner:
+    """Serve /metrics, /healthz (process alive), /readyz (every enabled site's database and
+    LISTEN up; `/readyz?site=NAME` checks one site) and, when given, the console's /console
+    paths."""
 
     async def metrics_handler(_: web.Request) -> web.Response:
         if refresh is not None:
@@ -156,6 +164,8 @@ async def serve(host: str, port: int, metrics: Metrics, ready: Check,
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if console is not None:
+        console.install(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -211,13 +211,14 @@ def status(conn_or_dsn: Conn | str, config: Config, now: datetime | None = None)
             DaemonRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6],
                       float(r[5]) > stale_after, r[7])
             for r in conn.execute(q["status_daemons"], params).fetchall())
-        endpoints = tuple(_endpoint_row(config, r)
+        endpoints = tuple(endpoint_row(config, r)
                           for r in conn.execute(q["status_endpoints"], params).fetchall())
     assert summary is not None
     return Status(summary[2], rows, int(summary[0]), summary[1], daemons, endpoints)
 
 
-def _endpoint_row(config: Config, r: Sequence[Any]) -> EndpointRow:
+def endpoint_row(config: Config, r: Sequence[Any]) -> EndpointRow:
+    """One `status_endpoints` row (url, failures, open, open_for) as shown (status, console)."""
     url, failures, is_open, open_for = r[0], int(r[1]), bool(r[2]), r[3]
     ep = config.webhooks.endpoints.get(url)
     if is_open:
@@ -291,11 +292,14 @@ class ReplayFilter:
     event_types: tuple[str, ...] = ()
     since: datetime | None = None
     all_states: bool = False
+    only_states: tuple[str, ...] = ()  # narrower than the default, e.g. ("failed",) (console)
 
     def is_empty(self) -> bool:
         return not (self.event_ids or self.urls or self.event_types or self.since)
 
     def states(self) -> list[str]:
+        if self.only_states:
+            return list(self.only_states)
         return ["failed", "skipped", "delivered"] if self.all_states else ["failed", "skipped"]
 
 

@@ -63,3 +63,12 @@ def empty_db(pg_server: Server) -> Iterator[Db]:
     dsn = pg_server.create_database(name)
     yield Db(name, dsn, pg_server)
     pg_server.drop_database(name)
+
+
+@pytest.fixture
+def db2(pg_server: Server, template_db: str) -> Iterator[Db]:
+    """A second database like `db` (a second site)."""
+    name = f"qlmb_t2_{_RUN}_{next(_counter)}"
+    dsn = pg_server.create_database(name, template=template_db)
+    yield Db(name, dsn, pg_server)
+    pg_server.drop_database(name)

@@ -297,7 +297,7 @@ def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
         daemon:
         """)
     cfg = config.load(path, env={})
-    assert cfg.webhooks.max_retries == 5 and cfg.daemon.batch_size == 200
+    assert cfg.webhooks.max_retries == 5 and cfg.daemon.batch_size == 500
 
 
 def test_missing_database_and_dsn(tmp_path: Path) -> None:

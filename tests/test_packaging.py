@@ -36,6 +36,12 @@ def test_wheel_contains_every_sql_file(wheel: Path) -> None:
     assert "queries.sql" in expected and "capture_v1.sql" in expected
     assert shipped == expected
     assert "bridge/sql.py" in names and "bridge/__main__.py" in names
+    # the console's templates and assets (no CDN, no build step)
+    console = {p.relative_to(ROOT).as_posix() for p in (ROOT / "bridge" / "console").rglob("*")
+               if p.is_file() and p.suffix in (".html", ".css", ".js", ".svg")}
+    assert {"bridge/console/static/console.css", "bridge/console/static/console.js",
+            "bridge/console/templates/base.html"} <= console
+    assert console <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "qlm-bridge = bridge.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -51,6 +57,10 @@ assert d == target / "bridge" / "sql", d
 queries = s.queries("qlm_bridge")
 assert "produce" in queries and '"qlm_bridge".event' in queries["produce"], sorted(queries)
 assert "license_function" in s.blocks("capture_v1.sql")
+from bridge.console import web
+assert web._package_dir("static").resolve().is_relative_to(target)
+assert "pill" in (web._package_dir("static") / "console.css").read_text()
+web._environment().get_template("overview.html")
 print(d)
 """
 

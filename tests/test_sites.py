@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,9 @@ from bridge.errors import ConfigError
 from tests.support.config import base_config, config_data
 from tests.support.daemon import DaemonProcess
 from tests.support.receiver import Receiver
-from tests.support.server import Db, Server
+from tests.support.server import Db
 
 _n = itertools.count()
-
-
-@pytest.fixture
-def db2(pg_server: Server, template_db: str) -> Iterator[Db]:
-    name = f"qlmb_site2_{next(_n)}_{template_db[-8:]}"
-    dsn = pg_server.create_database(name, template=template_db)
-    yield Db(name, dsn, pg_server)
-    pg_server.drop_database(name)
 
 
 def sites_config(db: Db, db2: Db, rx: Receiver, **extra: Any) -> dict[str, Any]:

@@ -221,8 +221,11 @@ class Producer:
     def on_recorded(self, batch: list[Result], changes: list[BreakerChange]) -> None:
         """The completer recorded `batch`: free its slots, note retries, start what waits."""
         now = self.clock.monotonic()
+        pol = self.policies()
         for r in batch:
             self.slots.acked(r.claimed)
+            if r.retry_in is None and pol(r.claimed.url).per_key:
+                self.more.add(r.claimed.url)  # its key's next event may be claimed now
             if r.retry_in is not None:
                 due = now + r.retry_in + 0.005
                 self.retry_at = due if self.retry_at is None else min(self.retry_at, due)

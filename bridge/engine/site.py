@@ -37,6 +37,8 @@ FATAL_AT_START: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # bad user or password
     asyncpg.exceptions.InvalidCatalogNameError,  # no such database
 )
+# Seconds a pool connection may sit unused before it is closed.
+IDLE_CONNECTION_LIFETIME = 5.0
 # Bound on the database calls made while shutting down (the database may be gone).
 SHUTDOWN_DB_TIMEOUT = 5.0
 
@@ -89,6 +91,8 @@ class Site:
         self.pool = await asyncpg.create_pool(
             asyncpg_dsn(cfg.database.dsn), min_size=0, max_size=4, reset=_no_reset,
             timeout=cfg.database.connect_timeout,
+            # an idle site keeps one pool connection (heartbeats) besides the listener
+            max_inactive_connection_lifetime=IDLE_CONNECTION_LIFETIME,
             server_settings={"application_name": "qlm-bridge"})
         self.store = store = Store(self.pool, cfg.database.schema_name, self.id)
         if not await self._check_schema():

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from bridge.config import Config
+from bridge.config import Config, Sites
 from bridge.daemon import Daemon
 from tests.support.config import write_config
 from tests.support.server import query
@@ -34,7 +34,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0,
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[Daemon]:
+async def running(cfg: Config | Sites) -> AsyncIterator[Daemon]:
     """A daemon in this event loop; stopped (gracefully) on exit."""
     d = Daemon(cfg)
     task = asyncio.create_task(d.run())
