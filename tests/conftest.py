@@ -47,28 +47,25 @@ def template_db(pg_server: Server) -> Iterator[str]:
     pg_server.drop_database(name)
 
 
+def _throwaway(server: Server, prefix: str, template: str | None = None) -> Iterator[Db]:
+    name = f"{prefix}_{_RUN}_{next(_counter)}"
+    yield Db(name, server.create_database(name, template=template), server)
+    server.drop_database(name)
+
+
 @pytest.fixture
 def db(pg_server: Server, template_db: str) -> Iterator[Db]:
     """A fresh database with the sample schema and the bridge installed."""
-    name = f"qlmb_t_{_RUN}_{next(_counter)}"
-    dsn = pg_server.create_database(name, template=template_db)
-    yield Db(name, dsn, pg_server)
-    pg_server.drop_database(name)
-
-
-@pytest.fixture
-def empty_db(pg_server: Server) -> Iterator[Db]:
-    """A fresh, empty database (nothing installed)."""
-    name = f"qlmb_e_{_RUN}_{next(_counter)}"
-    dsn = pg_server.create_database(name)
-    yield Db(name, dsn, pg_server)
-    pg_server.drop_database(name)
+    yield from _throwaway(pg_server, "qlmb_t", template_db)
 
 
 @pytest.fixture
 def db2(pg_server: Server, template_db: str) -> Iterator[Db]:
     """A second database like `db` (a second site)."""
-    name = f"qlmb_t2_{_RUN}_{next(_counter)}"
-    dsn = pg_server.create_database(name, template=template_db)
-    yield Db(name, dsn, pg_server)
-    pg_server.drop_database(name)
+    yield from _throwaway(pg_server, "qlmb_t2", template_db)
+
+
+@pytest.fixture
+def empty_db(pg_server: Server) -> Iterator[Db]:
+    """A fresh, empty database (nothing installed)."""
+    yield from _throwaway(pg_server, "qlmb_e")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import signal
 from pathlib import Path
@@ -21,8 +20,6 @@ from tests.support.config import base_config, config_data
 from tests.support.daemon import DaemonProcess
 from tests.support.receiver import Receiver
 from tests.support.server import Db
-
-_n = itertools.count()
 
 
 def sites_config(db: Db, db2: Db, rx: Receiver, **extra: Any) -> dict[str, Any]:
