@@ -293,8 +293,10 @@ def send_test(config_path: str | None, url: str | None, event_type: str | None,
               site: str | None) -> None:
     """POST a signed sample event to URL and print status, latency and response.
 
-    Checks a receiver before going live: exit 0 when every answer is 2xx, else 1. Redirects are
-    not followed. Signed with webhooks.secret_key and sent with the header X-QLM-Test: 1.
+    Checks a receiver before going live: exit 0 when every answer is 2xx, else 1. Signed and
+    sent exactly as the daemon does (webhooks.secret_key, standard_webhooks, the endpoint's
+    settings, timeout, ca_bundle, block_private_addresses; redirects not followed), with the
+    header X-QLM-Test: 1.
     """
     from bridge import ops
 
@@ -305,13 +307,26 @@ def send_test(config_path: str | None, url: str | None, event_type: str | None,
     urls: tuple[str, ...] = (url,) if url else ops.targets_for(cfg, kind)
     if not urls:
         raise config_mod.ConfigError(f"no URL is configured for {kind!r} (webhooks.events)")
-    if not cfg.webhooks.secret_key:
-        click.echo("note: webhooks.secret_key is not set; the request is unsigned", err=True)
+    unsigned = [u for u in urls if not ops.signed(cfg, u)]
+    if unsigned:
+        click.echo(f"note: no secret_key for {', '.join(unsigned)}; unsigned", err=True)
     results = ops.send_test(urls, kind, cfg)
     for result in results:
         click.echo(ops.format_send_result(result))
     if not all(r.ok for r in results):
         sys.exit(1)
+
+
+@main.command("gen-secret")
+def gen_secret() -> None:
+    """Print a new random secret for webhooks.secret_key (whsec_ + base64 of 32 bytes).
+
+    Works for X-QLM-Signature and for Standard Webhooks receivers alike. To rotate, list it
+    second under webhooks.secret_key, update the receivers, then move it first (README).
+    """
+    from bridge.signing import new_secret
+
+    click.echo(new_secret())
 
 
 @main.command()

@@ -33,8 +33,10 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from bridge import signing
 from bridge.errors import ConfigError as ConfigError
 from bridge.events import ALL_EVENTS
+from bridge.signing import GEN_SECRET_HINT, Signer
 from bridge.sql import quote_ident
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -141,6 +143,33 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+_UNSIGNED = "remove the key to send unsigned requests, or set a secret"
+
+
+def _secret_problem(secret: str, standard_webhooks: bool, empty: str = _UNSIGNED) -> str | None:
+    """What is wrong with one secret_key entry, if anything (never its value)."""
+    if not secret:
+        return f"is empty; {empty}"
+    if not standard_webhooks:
+        return None
+    if any(c.isspace() for c in secret):
+        return ("contains white space; to sign with several secrets while rotating, give a "
+                "YAML list, current secret first")
+    try:
+        signing.standard_webhooks_key(secret)
+    except ValueError as exc:
+        return f"cannot be a Standard Webhooks secret: it {exc}"
+    return None
+
+
+def _some_url_unsigned(data: Mapping[str, Any]) -> bool:
+    """Without webhooks.secret_key, whether some URL (or, with none yet, any URL) would have
+    no secret: every subscribed URL needs webhooks.endpoints.<url>.secret_key then."""
+    urls = {u for us in (data.get("events") or {}).values() for u in us}
+    endpoints = data.get("endpoints") or {}
+    return not urls or any(not getattr(endpoints.get(u), "secret_key", None) for u in urls)
+
+
 EventName = Annotated[str, AfterValidator(_check_event_name)]
 Url = Annotated[str, AfterValidator(_check_url)]
 
@@ -164,6 +193,37 @@ _RESERVED_HEADERS = ("content-type", "user-agent")
 _RESERVED_PREFIXES = ("x-qlm-", "webhook-")
 
 
+def _secret_list(value: Any, unset: tuple[str, ...] | None) -> Any:
+    """A secret_key as written (a string, or a list while rotating) -> a tuple; `unset` for
+    null."""
+    if value is None:
+        return unset
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        if isinstance(value, list) and not value:
+            raise ValueError("is an empty list; remove the key, or list the secrets, current "
+                             f"first ({GEN_SECRET_HINT})")
+        return value
+    got = _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
+    raise ValueError("must be a string, or a list of strings (current secret first) "
+                     f"while rotating (got {got})")
+
+
+def _secrets_problems(secrets: tuple[str, ...], standard_webhooks: bool,
+                      empty: str = _UNSIGNED) -> str | None:
+    """Everything wrong with a secret_key's entries, in one message (never their values)."""
+    problems = []
+    for i, secret in enumerate(secrets):
+        problem = _secret_problem(secret, standard_webhooks, empty)
+        if problem is None and secret in secrets[:i]:
+            problem = f"is the same as secret {secrets.index(secret) + 1}"
+        if problem is not None:
+            problems.append(problem if len(secrets) == 1 else
+                            f"secret {i + 1} (of {len(secrets)}) {problem}")
+    return "; ".join(problems) if problems else None
+
+
 class CircuitBreakerConfig(_Model):
     """Open after `failures` consecutive failed attempts; send one probe after `cooldown` s."""
 
@@ -175,7 +235,8 @@ class EndpointConfig(_Model):
     """Settings of one receiver URL (webhooks.endpoints.<url>); a key left out falls back to
     the global webhooks.* value."""
 
-    secret_key: str | None = Field(default=None, repr=False)
+    # One secret, or several while rotating (current first); None: webhooks.secret_key.
+    secret_key: tuple[str, ...] | None = Field(default=None, repr=False)
     timeout: float | None = Field(default=None, gt=0, le=600)
     max_retries: int | None = Field(default=None, ge=0, le=1000)
     retry_interval: float | None = Field(default=None, ge=0, le=7 * 86400)
@@ -187,11 +248,19 @@ class EndpointConfig(_Model):
     circuit_breaker: CircuitBreakerConfig | None = None
     headers: dict[str, str] = Field(default_factory=dict, repr=False)  # often credentials
 
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _secret_list(cls, value: Any) -> Any:
+        return _secret_list(value, None)
+
     @field_validator("secret_key")
     @classmethod
-    def _secret_not_empty(cls, value: str | None) -> str | None:
-        if value is not None and value == "":
-            raise ValueError("is empty; remove the key to use webhooks.secret_key")
+    def _secrets_valid(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # What Standard Webhooks needs is checked by WebhooksConfig, which knows the flag.
+        problem = _secrets_problems(value, False, "remove the key to use webhooks.secret_key") \
+            if value else None
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("headers")
@@ -209,9 +278,8 @@ class EndpointConfig(_Model):
 
 class WebhooksConfig(_Model):
     enabled: bool = Field(default=True, validation_alias=AliasChoices("enabled", "webHooksEnabled"))
-    secret_key: str | None = Field(
-        default=None, repr=False, validation_alias=AliasChoices("secret_key", "webHookSecretKey")
-    )
+    # Before secret_key and endpoints: their checks depend on it.
+    standard_webhooks: bool = False
     max_retries: int = Field(
         default=5, ge=0, le=1000, validation_alias=AliasChoices("max_retries", "webHookMaxRetries")
     )
@@ -230,13 +298,18 @@ class WebhooksConfig(_Model):
     max_response_body: int = Field(default=4096, ge=0, le=1_048_576)
     ca_bundle: str | None = None
     block_private_addresses: bool = False
-    standard_webhooks: bool = False
     events: dict[EventName, tuple[Url, ...]] = Field(default_factory=dict)
     field_names: dict[Annotated[str, AfterValidator(_check_kind)], dict[str, str]] = Field(
         default_factory=dict
     )
     ordering: Literal["none", "per_key"] = "none"
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    # After events and endpoints (its checks look at them). One secret, or several while
+    # rotating (current first); () sends unsigned requests.
+    secret_key: tuple[str, ...] = Field(
+        default=(), validate_default=True, repr=False,
+        validation_alias=AliasChoices("secret_key", "webHookSecretKey"),
+    )
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -258,12 +331,41 @@ class WebhooksConfig(_Model):
                                  f"{hint}every key of endpoints must be one")
         return self
 
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_secrets_usable(cls, value: dict[str, EndpointConfig],
+                                 info: ValidationInfo) -> dict[str, EndpointConfig]:
+        if not info.data.get("standard_webhooks"):
+            return value
+        problems = [f"webhooks.endpoints.{url}.secret_key: {problem}"
+                    for url, ep in value.items() if ep.secret_key
+                    for problem in [_secrets_problems(ep.secret_key, True)] if problem]
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return value
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _secret_list(cls, value: Any) -> Any:
+        return _secret_list(value, ())
+
     @field_validator("secret_key")
     @classmethod
-    def _secret_not_empty(cls, value: str | None) -> str | None:
-        if value is not None and value == "":
-            raise ValueError("is empty; remove the key to send unsigned requests, or set a secret")
+    def _secrets_usable(cls, value: tuple[str, ...],
+                        info: ValidationInfo) -> tuple[str, ...]:
+        standard = bool(info.data.get("standard_webhooks"))
+        if standard and not value and _some_url_unsigned(info.data):
+            raise ValueError("is required with webhooks.standard_webhooks: true (requests "
+                             f"would go unsigned); {GEN_SECRET_HINT}")
+        problem = _secrets_problems(value, standard)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @property
+    def signer(self) -> Signer:
+        """How requests are signed (built once per distinct secrets/scheme, then cached)."""
+        return signing.signer(self.secret_key, self.standard_webhooks)
 
     @field_validator("events", mode="before")
     @classmethod
@@ -590,7 +692,9 @@ def _format_validation(exc: ValidationError, skip: set[str] | None = None) -> li
         if skip and where in skip:
             continue
         msg = _message(err, loc)
-        lines.append(msg if not loc else f"{where}: {msg}")
+        # A check on a section that names its own key path (webhooks.endpoints.<url>...).
+        own = msg.startswith(where + ".")
+        lines.append(msg if not loc or own else f"{where}: {msg}")
     return lines
 
 

@@ -31,6 +31,7 @@ class Outcome:
     response_body: str | None
     duration_ms: float
     retry_after: float | None = None
+    location: str | None = None  # a redirect's target (never followed), for send-test
 
 
 _CONTROL = {i: f"\\x{i:02x}" for i in range(32) if i not in (9,)}
@@ -143,6 +144,7 @@ class Dispatcher:
                 text = sanitize(raw.decode("utf-8", "replace"), limit) if raw else None
                 retry_after = parse_retry_after(resp.headers.get("Retry-After")) \
                     if status in (429, 503) else None
+                location = resp.headers.get("Location") if 300 <= status < 400 else None
         except TimeoutError:
             return self._fail(start, f"timeout after {seconds:g} s")
         except BlockedAddress as exc:
@@ -155,7 +157,7 @@ class Dispatcher:
         ok = 200 <= status < 300
         error = None if ok else (f"redirect not followed (HTTP {status})"
                                  if 300 <= status < 400 else f"HTTP {status}")
-        return Outcome(ok, status, error, text, duration, retry_after)
+        return Outcome(ok, status, error, text, duration, retry_after, location)
 
     @staticmethod
     def _fail(start: float, error: str) -> Outcome:

@@ -105,6 +105,10 @@ class SiteMetrics:
                      "end_to_end", "in_flight", "queue_depth", "oldest_pending",
                      "listener_connected", "breaker_open", "site_ready", "db_errors"):
             setattr(self, name, _Bound(getattr(metrics, name), site))
+        for metric in (metrics.end_to_end, metrics.in_flight, metrics.queue_depth,
+                       metrics.oldest_pending, metrics.listener_connected, metrics.site_ready,
+                       metrics.db_errors):
+            metric.labels(site)  # shown (as 0) from the start, not from the first change
 
     fanned_out: _Bound
     attempts: _Bound

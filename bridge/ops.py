@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http
 import json
 import re
-import ssl
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,15 +19,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import asyncpg
 import psycopg
 
 from bridge import install, sql
 from bridge.config import Config, check_url, redact_url
+from bridge.dispatch import Dispatcher, sanitize
+from bridge.engine.policy import EndpointPolicy, Policies, policy_for
 from bridge.errors import BridgeError, ConfigError
 from bridge.events import ALL_EVENTS, kind_of
-from bridge.payload import Event, body, headers
+from bridge.payload import Event
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Progress = Callable[[int], None]
@@ -475,40 +475,50 @@ class SendResult:
         return self.status is not None and 200 <= self.status < 300
 
 
+def signed(config: Config, url: str) -> bool:
+    """Whether requests to `url` carry a signature (a global or an endpoint secret)."""
+    return bool(policy_for(config.webhooks, url).signer.secrets)
+
+
 def targets_for(config: Config, event_type: str) -> tuple[str, ...]:
     return config.webhooks.events.get(event_type, ())
 
 
-async def _send_one(session: aiohttp.ClientSession, url: str, event: Event,
-                    config: Config) -> SendResult:
-    payload = body(event)
-    hdrs = headers(event, payload, config.webhooks.secret_key) | {TEST_HEADER: "1"}
-    start = time.perf_counter()
+def _reason(status: int) -> str:
     try:
-        async with session.post(url, data=payload, headers=hdrs, allow_redirects=False) as resp:
-            raw = await resp.content.read(config.webhooks.max_response_body or 4096)
-            elapsed = (time.perf_counter() - start) * 1000
-            return SendResult(url, event.event_type, event.event_id, resp.status,
-                              resp.reason or "", elapsed, raw.decode("utf-8", "replace"),
-                              location=resp.headers.get("Location"))
-    except TimeoutError:
-        error = f"timed out after {config.webhooks.timeout:g} s (webhooks.timeout)"
-    except aiohttp.ClientError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    except OSError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    return SendResult(url, event.event_type, event.event_id, None, "",
-                      (time.perf_counter() - start) * 1000, "", error)
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+async def _send_one(dispatcher: Dispatcher, policy: EndpointPolicy, event: Event) -> SendResult:
+    """Sign and POST as the daemon's executor does: the endpoint's request (body, signed
+    headers, its extra headers) through Dispatcher.post with the endpoint's timeout."""
+    url = policy.url
+    payload, hdrs = policy.request(event)
+    hdrs[TEST_HEADER] = "1"
+    out = await dispatcher.post(url, payload, hdrs, timeout=policy.timeout)
+    if out.status is None:
+        return SendResult(url, event.event_type, event.event_id, None, "", out.duration_ms, "",
+                          out.error)
+    return SendResult(url, event.event_type, event.event_id, out.status, _reason(out.status),
+                      out.duration_ms, out.response_body or "",
+                      location=sanitize(out.location, RESPONSE_SHOWN) if out.location else None)
 
 
 async def _send_all(urls: Sequence[str], event_type: str, config: Config) -> list[SendResult]:
-    ssl_context: ssl.SSLContext | bool = True
-    if config.webhooks.ca_bundle:
-        ssl_context = ssl.create_default_context(cafile=config.webhooks.ca_bundle)
-    timeout = aiohttp.ClientTimeout(total=config.webhooks.timeout)
-    connector = aiohttp.TCPConnector(ssl=ssl_context)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        return [await _send_one(session, url, sample_event(event_type), config) for url in urls]
+    """The daemon's HTTP client (block_private_addresses, ca_bundle, timeout) and per-endpoint
+    policies (webhooks.endpoints), reading enough of each response to show it."""
+    wh = config.webhooks
+    policies = Policies(wh)
+    shown = max(wh.max_response_body, RESPONSE_SHOWN + 1)
+    dispatcher = Dispatcher(wh.model_copy(update={"max_response_body": shown}))
+    await dispatcher.start()
+    try:
+        return [await _send_one(dispatcher, policies(url), sample_event(event_type))
+                for url in urls]
+    finally:
+        await dispatcher.close()
 
 
 def send_test(urls: Sequence[str], event_type: str, config: Config) -> list[SendResult]:

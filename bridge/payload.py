@@ -7,13 +7,12 @@ payload field names by the claim query), so numbers keep every digit and text is
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bridge import __version__
 from bridge.events import INFO_KEY, kind_of
-from bridge.signing import qlm_signature, standard_webhooks_signature
+from bridge.signing import Signer
 
 USER_AGENT = f"qlm-webhook-bridge/{__version__}"
 
@@ -45,11 +44,11 @@ def body(event: Event) -> bytes:
     return (head + "}").encode("utf-8")
 
 
-def headers(event: Event, body_bytes: bytes, secret: str | None,
-            standard_webhooks: bool = False, now: float | None = None) -> dict[str, str]:
-    """QLM's headers; with `standard_webhooks`, also webhook-id / webhook-timestamp /
-    webhook-signature (Standard Webhooks, signed at send time so receivers' 5-minute tolerance
-    holds on retries)."""
+def headers(event: Event, body_bytes: bytes, signer: Signer,
+            now: float | None = None) -> dict[str, str]:
+    """QLM's headers, signed by `signer` (X-QLM-Signature; with Standard Webhooks also
+    webhook-id / webhook-timestamp / webhook-signature, signed at send time so receivers'
+    5-minute tolerance holds on retries)."""
     out = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
@@ -57,12 +56,5 @@ def headers(event: Event, body_bytes: bytes, secret: str | None,
         "X-QLM-Event-Id": event.event_id,
         "X-QLM-Timestamp": iso_utc(event.created_at),
     }
-    if secret:
-        out["X-QLM-Signature"] = qlm_signature(body_bytes, secret)
-        if standard_webhooks:
-            sent = int(time.time() if now is None else now)
-            out["webhook-id"] = event.event_id
-            out["webhook-timestamp"] = str(sent)
-            out["webhook-signature"] = standard_webhooks_signature(
-                secret, event.event_id, sent, body_bytes)
+    out.update(signer.headers(event.event_id, body_bytes, now))
     return out

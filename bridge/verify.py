@@ -26,6 +26,17 @@ or as a handler that receives the parsed event::
 
     app.add_routes([web.post("/qlm", webhook_handler(secret, on_event))])
 
+While the sender rotates its secret, pass both (any of them is accepted): ``secret`` may be a
+list, ``["whsec_new...", "whsec_old..."]``, everywhere here.
+
+With ``webhooks.standard_webhooks: true`` the official ``standardwebhooks`` package verifies
+the same requests (``Webhook(secret).verify(body, headers)``); so does, without it::
+
+    from bridge.verify import verify_standard_webhook
+
+    if not verify_standard_webhook(raw_body, secret, request_headers):
+        reject with 401
+
 Deliveries are at least once: de-duplicate on ``X-QLM-Event-Id`` (== ``EventId``).
 """
 
@@ -38,7 +49,15 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.signing import constant_time_equal, qlm_signature, standard_webhooks_signature
+from bridge.signing import (
+    SW_ID,
+    SW_SIGNATURE,
+    SW_TIMESTAMP,
+    constant_time_equal,
+    qlm_signature,
+    standard_webhooks_key,
+    sw_sign,
+)
 
 SIGNATURE_HEADER = "X-QLM-Signature"
 EVENT_ID_HEADER = "X-QLM-Event-Id"
@@ -50,35 +69,42 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EventCallback = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse | None]]
 
 
-def verify_signature(body: bytes, secret: str, header_value: str | None) -> bool:
-    """True when `header_value` is the QLM signature of `body` with `secret`.
+def verify_signature(body: bytes, secret: str | Iterable[str], header_value: str | None) -> bool:
+    """True when `header_value` is the QLM signature of `body` with `secret`, or with any of
+    several secrets (while rotating).
 
-    Compares in constant time. Surrounding white space and hex case in the header are ignored.
-    An empty secret is refused (anyone could compute that signature).
+    Compares in constant time, checking every secret (which one matched does not show in the
+    timing). Surrounding white space and hex case in the header are ignored. An empty secret
+    is refused (anyone could compute that signature).
     """
-    if not secret:
-        raise ValueError("an empty secret verifies nothing; configure the shared secret")
+    secrets = _secrets(secret)
     if not header_value:
         return False
-    return constant_time_equal(qlm_signature(body, secret), header_value.strip().lower())
+    given = header_value.strip().lower()
+    results = [constant_time_equal(qlm_signature(body, s), given) for s in secrets]
+    return any(results)
 
 
-def verify_standard_webhook(body: bytes, secret: str, headers: Mapping[str, str],
-                            tolerance: float = 300.0, now: float | None = None) -> bool:
+def verify_standard_webhook(body: bytes, secret: str | Iterable[str],
+                            headers: Mapping[str, str], tolerance: float = 300.0,
+                            now: float | None = None) -> bool:
     """True when the Standard Webhooks headers (webhook-id, webhook-timestamp,
-    webhook-signature) sign `body` with `secret` and the timestamp is within `tolerance`
-    seconds. Any of several space-separated `v1,` signatures may match (key rotation)."""
-    if not secret:
-        raise ValueError("an empty secret verifies nothing; configure the shared secret")
-    msg_id = headers.get("webhook-id")
-    stamp = headers.get("webhook-timestamp", "")
-    given = headers.get("webhook-signature", "")
-    if not msg_id or not stamp.isdigit() or not given:
+    webhook-signature) sign `body` with `secret` (or any of several secrets, while rotating)
+    and the timestamp is within `tolerance` seconds. Any of several space-separated `v1,`
+    signatures may match. Secrets are read as the official libraries read them (``whsec_``
+    prefix optional, base64, padding optional); one they cannot use raises ValueError."""
+    keys = [standard_webhooks_key(s) for s in _secrets(secret)]
+    lowered = {k.lower(): v for k, v in headers.items()}
+    msg_id = lowered.get(SW_ID)
+    stamp = lowered.get(SW_TIMESTAMP, "")
+    given = lowered.get(SW_SIGNATURE, "").split()
+    if not msg_id or not (stamp.isascii() and stamp.isdigit()) or not given:
         return False
     if abs((time.time() if now is None else now) - int(stamp)) > tolerance:
         return False
-    expected = standard_webhooks_signature(secret, msg_id, int(stamp), body)
-    results = [constant_time_equal(expected, sig) for sig in given.split()]
+    content = f"{msg_id}.{stamp}.".encode() + body
+    # Every (key, signature) pair is compared: no early exit.
+    results = [constant_time_equal(sw_sign(key, content), sig) for key in keys for sig in given]
     return any(results)
 
 
@@ -88,12 +114,6 @@ def _secrets(secret: str | Iterable[str]) -> tuple[str, ...]:
     if not secrets or not all(secrets):
         raise ValueError("an empty secret verifies nothing; configure the shared secret")
     return secrets
-
-
-def _valid(body: bytes, secrets: tuple[str, ...], header_value: str | None) -> bool:
-    # Check every secret (no early exit), so timing does not tell which one matched.
-    results = [verify_signature(body, s, header_value) for s in secrets]
-    return any(results)
 
 
 def _unauthorized() -> web.Response:
@@ -115,7 +135,7 @@ def signature_middleware(secret: str | Iterable[str],
         if only is not None and request.path not in only:
             return await handler(request)
         body = await request.read()
-        if not _valid(body, secrets, request.headers.get(SIGNATURE_HEADER)):
+        if not verify_signature(body, secrets, request.headers.get(SIGNATURE_HEADER)):
             return _unauthorized()
         request[VERIFIED_KEY] = True
         return await handler(request)
@@ -131,7 +151,7 @@ def webhook_handler(secret: str | Iterable[str], on_event: EventCallback) -> Han
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        if not _valid(body, secrets, request.headers.get(SIGNATURE_HEADER)):
+        if not verify_signature(body, secrets, request.headers.get(SIGNATURE_HEADER)):
             return _unauthorized()
         try:
             event = json.loads(body)

@@ -188,7 +188,7 @@ def test_variables_and_defaults_expand(tmp_path: Path) -> None:
         """)
     cfg = config.load(path, env={"DB_HOST": "db.internal", "SECRET": "s3cr3t"})
     assert cfg.database.dsn == "postgresql://bridge@db.internal/qlm"
-    assert cfg.webhooks.secret_key == "s3cr3t"
+    assert cfg.webhooks.secret_key == ("s3cr3t",)
     assert cfg.webhooks.max_retries == 7
     assert cfg.webhooks.events["license_created"] == ("https://default.example/hook",)
     cfg = config.load(path, env={"DB_HOST": "h", "SECRET": "s", "DB_USER": "u", "RETRIES": "0"})
@@ -206,7 +206,7 @@ def test_qlm_alias_names(tmp_path: Path) -> None:
         """)
     hooks = config.load(path, env={}).webhooks
     assert (hooks.enabled, hooks.secret_key, hooks.max_retries, hooks.retry_interval) == (
-        False, "qlm-secret", 3, 30.0)
+        False, ("qlm-secret",), 3, 30.0)
 
 
 def test_name_and_alias_together_is_an_error(tmp_path: Path) -> None:
@@ -262,6 +262,104 @@ def test_empty_secret_from_environment_is_rejected_and_never_shown(tmp_path: Pat
     assert "do-not-print-me" not in str(info.value)
     with pytest.raises(ConfigError, match=r"webhooks\.secret_key: is empty"):
         config.load(path, env={"SECRET": ""})
+
+
+def test_secret_key_list_for_rotation(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""\
+        database: {{dsn: "{GOOD_DSN}"}}
+        webhooks:
+          standard_webhooks: true
+          secret_key:
+            - whsec_bmV3LW5ldy1uZXctbmV3LW5ldy1uZXctbmV3LW5ldw
+            - "${{OLD_SECRET}}"
+        """)
+    hooks = config.load(path, env={"OLD_SECRET": "whsec_b2xkLW9sZC1vbGQtb2xkLW9sZA=="}).webhooks
+    assert hooks.secret_key == ("whsec_bmV3LW5ldy1uZXctbmV3LW5ldy1uZXctbmV3LW5ldw",
+                                "whsec_b2xkLW9sZC1vbGQtb2xkLW9sZA==")
+    assert len(hooks.signer.headers("m", b"{}")["webhook-signature"].split(" ")) == 2
+
+
+@pytest.mark.parametrize(("secret_key", "expected"), [
+    ('"sécret-ключ"', "webhooks.secret_key: cannot be a Standard Webhooks secret: it has "
+                      "non-ASCII characters"),
+    ("whsec_abcde", "webhooks.secret_key: cannot be a Standard Webhooks secret: it is not base64"),
+    ("whsec_", "decodes to an empty Standard Webhooks key"),
+    ('"whsec_bmV3LW5ldw== whsec_b2xkLW9sZA=="', "webhooks.secret_key: contains white space; to "
+                                                "sign with several secrets while rotating, give "
+                                                "a YAML list"),
+    ("[whsec_bmV3LW5ldw==, whsec_abcde]", "webhooks.secret_key: secret 2 (of 2) cannot be a "
+                                          "Standard Webhooks secret: it is not base64"),
+    ("[whsec_bmV3LW5ldw==, whsec_bmV3LW5ldw==]", "secret 2 (of 2) is the same as secret 1"),
+    ("null", "webhooks.secret_key: is required with webhooks.standard_webhooks: true"),
+    ("[]", "webhooks.secret_key: is an empty list"),
+    ("[whsec_bmV3LW5ldw==, 5]", "webhooks.secret_key[1]: must be a string (got integer)"),
+    ("{a: b}", "webhooks.secret_key: must be a string, or a list of strings"),
+])
+def test_secrets_standard_webhooks_cannot_use(tmp_path: Path, secret_key: str,
+                                              expected: str) -> None:
+    msg = problems(tmp_path, f"""\
+        database: {{dsn: "{GOOD_DSN}"}}
+        webhooks:
+          standard_webhooks: true
+          secret_key: {secret_key}
+        """)
+    assert expected in msg
+    if "required" in expected or "cannot be" in expected:
+        assert "qlm-bridge gen-secret" in msg
+    for value in ("sécret", "abcde", "bmV3LW5ldw"):
+        assert value not in msg
+
+
+def test_standard_webhooks_without_secret_key(tmp_path: Path) -> None:
+    msg = problems(tmp_path, f"""\
+        database: {{dsn: "{GOOD_DSN}"}}
+        webhooks: {{standard_webhooks: true}}
+        """)
+    assert "webhooks.secret_key: is required with webhooks.standard_webhooks: true" in msg
+    assert "`qlm-bridge gen-secret`" in msg
+
+
+def test_endpoint_secrets(tmp_path: Path) -> None:
+    a, b = "https://a.example/hook", "https://b.example/hook"
+    good = "whsec_bmV3LW5ldw=="
+    base = f"""\
+        database: {{dsn: "{GOOD_DSN}"}}
+        webhooks:
+          standard_webhooks: true
+          events: {{license_created: ["{a}", "{b}"]}}
+        """.rstrip(" ")
+    # every URL has its own secret: no global one needed
+    path = write(tmp_path, base + f"""\
+          endpoints:
+            "{a}": {{secret_key: [{good}, whsec_b2xkLW9sZA]}}
+            "{b}": {{secret_key: {good}}}
+        """)
+    assert config.load(path, env={}).webhooks.endpoints[a].secret_key == (
+        good, "whsec_b2xkLW9sZA")
+    msg = problems(tmp_path, base + f"""\
+          endpoints:
+            "{a}": {{secret_key: [{good}, "sécret"]}}
+        """)
+    assert (f"webhooks.endpoints.{a}.secret_key: secret 2 (of 2) cannot be a Standard "
+            "Webhooks secret: it has non-ASCII characters") in msg
+    assert "webhooks.secret_key: is required with webhooks.standard_webhooks: true" in msg  # b
+    assert "sécret" not in msg and "bmV3" not in msg
+    msg = problems(tmp_path, base.replace("standard_webhooks: true", "secret_key: s") + f"""\
+          endpoints:
+            "{a}": {{secret_key: ["", s]}}
+        """)
+    assert (f"webhooks.endpoints.{a}.secret_key: secret 1 (of 2) is empty; remove the key to "
+            "use webhooks.secret_key") in msg
+
+
+def test_any_secret_serves_x_qlm_signature_alone(tmp_path: Path) -> None:
+    """Without standard_webhooks, X-QLM-Signature takes any non-empty string, as QLM does."""
+    for value in ('"sécret-ключ"', "whsec_abcde", '"two words"'):
+        path = write(tmp_path, f"""\
+            database: {{dsn: "{GOOD_DSN}"}}
+            webhooks: {{secret_key: {value}}}
+            """)
+        assert len(config.load(path, env={}).webhooks.secret_key) == 1
 
 
 def test_wrong_types_for_every_section(tmp_path: Path) -> None:
@@ -417,7 +515,7 @@ def _yaml_keys(data: object, prefix: str = "") -> set[str]:
 
 def test_example_config_loads() -> None:
     cfg = config.load(EXAMPLE, env={"QLM_WEBHOOK_SECRET": "from-env"})
-    assert cfg.webhooks.secret_key == "from-env"
+    assert cfg.webhooks.secret_key == ("from-env",)
     assert cfg.database.dsn == "postgresql://qlm_bridge_daemon@localhost/qlm"
     assert set(cfg.webhooks.events) == {e for e in ALL_EVENTS if e != "license_modified"}
     assert len(cfg.webhooks.events["license_activated"]) == 2

@@ -155,10 +155,11 @@ def test_endpoint_policy_falls_back_key_by_key() -> None:
         A: {"secret_key": "other", "timeout": 2, "rate_limit": 50, "ordering": "none",
             "headers": {"Authorization": "Bearer x"}}}).webhooks)
     a, b = pol(A), pol(B)
-    assert (a.secret_key, a.timeout, a.retry.max_retries, a.per_key) == ("other", 2, 4, False)
+    assert (a.signer.secrets, a.timeout, a.retry.max_retries, a.per_key) == (("other",), 2, 4,
+                                                                             False)
     assert a.rate_limit == 50 and a.burst == 5 and a.shared_state
     assert a.headers == (("Authorization", "Bearer x"),)
-    assert (b.secret_key, b.timeout, b.per_key, b.shared_state) == ("s", 7, True, False)
+    assert (b.signer.secrets, b.timeout, b.per_key, b.shared_state) == (("s",), 7, True, False)
     assert pol.per_key_urls() == [B]
     leftover = pol("https://old.example/x")  # a URL no longer configured: the global settings
     assert leftover.timeout == 7 and leftover.breaker is None

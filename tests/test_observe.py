@@ -144,11 +144,12 @@ async def _scrape_a_running_daemon(db: Db) -> None:
                 return _get(await scraper.metrics(), "qlm_bridge_listener_connected") == 0
 
             await _until(listener_down, "listener_connected to drop to 0")
-            async def errors_counted() -> bool:  # at the daemon's next pass, which fails
+
+            async def errors_counted() -> bool:
                 errors = _get(await scraper.metrics(), "qlm_bridge_database_errors_total")
                 return errors is not None and errors >= 1
 
-            await _until(errors_counted, "database_errors_total to count the failed pass")
+            await _until(errors_counted, "the database errors to be counted")
 
             # Back again: the listener reconnects and the daemon is ready once more.
             db.server.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS true")

@@ -6,6 +6,7 @@ instead of slept.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 
 from bridge import ops
 from bridge.errors import BridgeError
+from tests.support.campaign import self_signed_cert, server_ssl
 from tests.support.config import SECRET
 from tests.support.receiver import (
     Receiver,
@@ -409,7 +411,7 @@ def test_send_test_failures(db: Db, receiver: Receiver) -> None:
     assert (redirect.ok, redirect.status) == (False, 302)
     assert redirect.location == receiver.url("/ok")
     assert "not followed" in ops.format_send_result(redirect)
-    assert slow.status is None and "timed out after 0.3 s" in (slow.error or "")
+    assert slow.status is None and "timeout after 0.3 s" in (slow.error or "")
     # no /ok: a followed redirect would arrive there (as a GET)
     assert [(r.method, r.path) for r in receiver.received] == [
         ("POST", "/fail"), ("POST", "/redirect"), ("POST", "/slow")]
@@ -420,6 +422,34 @@ def test_send_test_connection_refused(db: Db) -> None:
     [result] = ops.send_test(["http://127.0.0.1:1/hook"], "license_created", db.config())
     assert not result.ok and result.status is None
     assert "ClientConnectorError" in (result.error or "")
+
+
+def test_send_test_honours_block_private_addresses(db: Db, receiver: Receiver) -> None:
+    """send-test goes through the daemon's HTTP client, guard included."""
+    cfg = db.config(webhooks={"block_private_addresses": True})
+    [result] = ops.send_test([receiver.url("/ok")], "license_created", cfg)
+    assert result.status is None and "blocked" in (result.error or "")
+    assert receiver.received == []
+
+
+def test_send_test_verifies_tls_and_honours_ca_bundle(db: Db, tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+
+    async def run() -> tuple[ops.SendResult, ops.SendResult, int]:
+        tls = await Receiver(ssl_context=server_ssl(cert, key)).start()
+        try:
+            [refused] = await asyncio.to_thread(ops.send_test, [tls.url("/t")],
+                                                "license_created", db.config())
+            [trusted] = await asyncio.to_thread(
+                ops.send_test, [tls.url("/t")], "license_created",
+                db.config(webhooks={"ca_bundle": str(cert)}))
+        finally:
+            await tls.stop()
+        return refused, trusted, tls.counts["/t"]
+
+    refused, trusted, reached = asyncio.run(run())
+    assert refused.status is None and "CERTIFICATE_VERIFY_FAILED" in (refused.error or "")
+    assert trusted.ok and reached == 1
 
 
 def test_send_test_cli(db: Db, receiver: Receiver, tmp_path: Path) -> None:
@@ -443,3 +473,12 @@ webhooks:
                    ).returncode == 2  # nothing configured for it
     assert run_cli("send-test", "--config", str(path)).returncode == 2
     assert len(receiver.received) == 3
+
+
+def test_send_test_cli_says_when_unsigned(db: Db, receiver: Receiver, tmp_path: Path) -> None:
+    path = write_config(tmp_path, db, "webhooks: {timeout: 2}\n")
+    result = run_cli("send-test", "--config", str(path), receiver.url("/ok"))
+    assert result.returncode == 0, result.stderr
+    assert f"note: no secret_key for {receiver.url('/ok')}; unsigned" in result.stderr
+    assert "X-QLM-Signature" not in receiver.received[-1].headers
+

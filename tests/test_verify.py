@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from bridge import payload
+from bridge.signing import Signer
 from bridge.verify import (
     SIGNATURE_HEADER,
     VERIFIED_KEY,
@@ -50,7 +51,7 @@ def test_verify_what_the_bridge_sends() -> None:
     event = payload.Event("0b6c8a5e-3f0e-4f4e-9d55-1f6a8e2c1a00", "customer_created",
                           datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), '{"CustomerID": 7}')
     body = payload.body(event)
-    sent = payload.headers(event, body, SECRET)
+    sent = payload.headers(event, body, Signer((SECRET,)))
     assert sent[SIGNATURE_HEADER] == independent(body, SECRET)
     assert verify_signature(body, SECRET, sent[SIGNATURE_HEADER])
 

@@ -28,10 +28,12 @@ from bridge.console.data import ConsoleSource, Filters
 from bridge.engine.policy import policy_for
 from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
+from bridge.signing import Signer
 
 log = logging.getLogger("bridge.console")
 
 PREFIX = "/console"
+UNSIGNED = Signer(())  # the console describes signatures, it never computes them
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {
@@ -353,13 +355,13 @@ def _shown_headers(event: payload.Event, raw: bytes, source: ConsoleSource,
     credentials)."""
     wh = source.config.webhooks
     policies = [policy_for(wh, url) for url in urls]
-    shown = list(payload.headers(event, raw, None).items())
-    if wh.secret_key or any(p.secret_key for p in policies):
+    shown = list(payload.headers(event, raw, UNSIGNED).items())
+    if wh.secret_key or any(p.signer.secrets for p in policies):
         shown.append(("X-QLM-Signature", "(SHA-256 of the body and the secret key; not shown)"))
         if wh.standard_webhooks:
             shown += [("webhook-id", event.event_id),
                       ("webhook-timestamp", "(the time of each attempt)"),
-                      ("webhook-signature", "(v1,<HMAC-SHA256>; not shown)")]
+                      ("webhook-signature", "(v1,<HMAC-SHA256>, one per secret; not shown)")]
     extra = [(redact_url(url), ", ".join(name for name, _ in p.headers))
              for url, p in zip(urls, policies, strict=True) if p.headers]
     return shown, extra

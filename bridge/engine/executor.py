@@ -13,7 +13,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge import payload
 from bridge.dispatch import Dispatcher, Outcome
 from bridge.engine.policy import EndpointPolicy
 from bridge.observe import SiteMetrics
@@ -31,11 +30,9 @@ def describe(exc: BaseException) -> str:
 
 class Executor:
     def __init__(self, dispatcher: Callable[[], Dispatcher],
-                 policy: Callable[[str], EndpointPolicy], standard_webhooks: Callable[[], bool],
-                 metrics: SiteMetrics) -> None:
+                 policy: Callable[[str], EndpointPolicy], metrics: SiteMetrics) -> None:
         self._dispatcher = dispatcher
         self._policy = policy
-        self._standard_webhooks = standard_webhooks
         self.metrics = metrics
         self._children: dict[tuple[str, ...], Any] = {}  # metric children by labels
 
@@ -43,10 +40,7 @@ class Executor:
         """Send one attempt. A cancelled request (shutdown) still yields a Result (it may have
         reached the receiver): it is logged and due again at once, for any daemon."""
         policy = self._policy(c.url)
-        body = payload.body(c.event)
-        headers = payload.headers(c.event, body, policy.secret_key, self._standard_webhooks())
-        if policy.headers:
-            headers.update(policy.headers)
+        body, headers = policy.request(c.event)
         started = datetime.now(UTC)
         try:
             out = await self._dispatcher().post(c.url, body, headers, timeout=policy.timeout)

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
+from bridge import payload, signing
 from bridge.config import EndpointConfig, WebhooksConfig
+from bridge.payload import Event
 from bridge.retry import RetryPolicy
+from bridge.signing import Signer
 
 T = TypeVar("T")
 
@@ -24,7 +27,7 @@ class Breaker:
 @dataclass(frozen=True, slots=True)
 class EndpointPolicy:
     url: str
-    secret_key: str | None
+    signer: Signer  # the endpoint's secrets, else webhooks.secret_key; built once per config
     timeout: float
     retry: RetryPolicy
     concurrency: int
@@ -32,6 +35,15 @@ class EndpointPolicy:
     per_key: bool
     breaker: Breaker | None
     headers: tuple[tuple[str, str], ...]
+
+    def request(self, event: Event) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of a request to this endpoint: signed, with the endpoint's
+        extra headers. The daemon and `send-test` both send exactly this."""
+        body = payload.body(event)
+        headers = payload.headers(event, body, self.signer)
+        if self.headers:
+            headers.update(self.headers)
+        return body, headers
 
     @property
     def shared_state(self) -> bool:
@@ -57,7 +69,8 @@ def policy_for(wh: WebhooksConfig, url: str) -> EndpointPolicy:
     cb = ep.circuit_breaker
     return EndpointPolicy(
         url=url,
-        secret_key=_or(ep.secret_key, wh.secret_key),
+        signer=signing.signer(ep.secret_key, wh.standard_webhooks) if ep.secret_key
+        else wh.signer,
         timeout=_or(ep.timeout, wh.timeout),
         retry=retry,
         concurrency=_or(ep.per_url_concurrency, wh.per_url_concurrency),

@@ -108,8 +108,7 @@ class Site:
         await self.w.dispatcher.start()
         slots = Slots(lambda url: self.w.policies(url).concurrency, cfg.webhooks.prefetch,
                       cfg.webhooks.max_concurrency, self.clock)
-        executor = Executor(self._dispatcher, lambda url: self.w.policies(url),
-                            lambda: self.w.config.webhooks.standard_webhooks, self.metrics)
+        executor = Executor(self._dispatcher, lambda url: self.w.policies(url), self.metrics)
         self.completer = Completer(store, lambda url: self.w.policies(url), self.metrics,
                                    self.clock, self._recorded, cfg.daemon.reconnect_max_delay)
         self.producer = producer = Producer(
