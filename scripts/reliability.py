@@ -23,34 +23,28 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
-from campaign import (  # noqa: E402
+from bridge.embedded import EmbeddedPostgres  # noqa: E402
+from tests.support.campaign import (  # noqa: E402
     crash_storm,
     database_faults,
     receiver_down,
     receiver_faults,
     soak,
 )
-
-from bridge import config as config_mod  # noqa: E402
-from bridge import install  # noqa: E402
-from bridge.embedded import EmbeddedPostgres  # noqa: E402
+from tests.support.server import execute, install_bridge, with_database  # noqa: E402
 
 CASES = ("crash", "dbfaults", "receiver", "down", "soak")
 
 
 def fresh_db(admin_dsn: str) -> str:
     name = f"qlmb_rel_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}".encode())
-    dsn = urlunsplit(urlsplit(admin_dsn)._replace(path="/" + name))
-    install.install(config_mod.parse({"database": {"dsn": dsn}}, "<campaign>", env={}),
-                    sample_schema=True)
+    execute(admin_dsn, f"CREATE DATABASE {name}")
+    dsn = with_database(admin_dsn, name)
+    install_bridge(dsn)
     return dsn
 
 

@@ -11,12 +11,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from campaign import FaultReceiver, insert_licenses
-from conftest import Db
 
 from bridge import install
 from bridge.daemon import Daemon
 from bridge.errors import BridgeError
+from tests.support.campaign import insert_licenses
+from tests.support.receiver import Receiver
+from tests.support.server import Db
 
 SCHEMA = """
 CREATE TABLE "Customers" (
@@ -49,7 +50,7 @@ CREATE TABLE "LicenseKeys" (
 );
 """
 
-CAPTURE = {
+CAPTURE: dict[str, Any] = {
     "licenses": {"table": "LicenseKeys", "key": ["ActivationKey", "ProductId"],
                  "activation": {"increases": ["ActivationCount"], "becomes_set": ["ComputerID"]},
                  "release": {"becomes_empty": ["ComputerID"]}},
@@ -70,9 +71,9 @@ ROW = {
 
 
 def _deliver(db: Db, events: dict[str, list[str]], write: Any, expect: int,
-             capture: dict[str, Any] | None = None, timeout: float = 60) -> FaultReceiver:
-    async def run() -> FaultReceiver:
-        rx = await FaultReceiver(keep_bodies=True).start()
+             capture: dict[str, Any] | None = None, timeout: float = 60) -> Receiver:
+    async def run() -> Receiver:
+        rx = await Receiver().start()
         cfg = db.config(webhooks={"events": {e: [rx.url(p) for p in ps]
                                              for e, ps in events.items()},
                                   "max_concurrency": 64, "per_url_concurrency": 32},
@@ -82,7 +83,7 @@ def _deliver(db: Db, events: dict[str, list[str]], write: Any, expect: int,
         try:
             await asyncio.wait_for(d.ready.wait(), 10)
             await asyncio.to_thread(write)
-            await rx.wait_for(lambda: len({h.event_id for h in rx.hits}) >= expect, timeout,
+            await rx.wait_for(lambda: len({h.event_id for h in rx.received}) >= expect, timeout,
                               f"{expect} events")
         finally:
             d.stop()
@@ -115,7 +116,7 @@ def test_every_type_arrives_faithfully(odd_db: Db) -> None:
     rx = _deliver(db, {"license_created": ["/l"], "license_activated": ["/l"],
                        "customer_created": ["/c"]}, write, 3, capture=CAPTURE)
     bodies = {json.loads(h.body, parse_float=Decimal)["EventType"]:
-              json.loads(h.body, parse_float=Decimal) for h in rx.hits}
+              json.loads(h.body, parse_float=Decimal) for h in rx.received}
     customer = bodies["customer_created"]["CustomerInfo"]
     assert (customer["TenantId"], customer["CustomerNo"], customer["FullName"]) == (1, 2, TEXT)
     lic = bodies["license_created"]["LicenseInfo"]
@@ -136,7 +137,7 @@ def test_every_type_arrives_faithfully(odd_db: Db) -> None:
     activated = bodies["license_activated"]
     assert activated["LicenseInfo"]["ComputerID"] == "PC\u00e9"
     assert activated["Previous"] == {"ComputerID": None, "ActivationCount": 0}
-    for h in rx.hits:  # strict JSON: no bare NaN/Infinity tokens
+    for h in rx.received:  # strict JSON: no bare NaN/Infinity tokens
         json.loads(h.body, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
 
 
@@ -145,7 +146,7 @@ def test_one_megabyte_text_arrives_whole(db: Db) -> None:
     rx = _deliver(db, {"license_created": ["/l"]},
                   lambda: db.execute("INSERT INTO license_keys (activation_key, comment) "
                                      "VALUES ('BIG', %s)", (text,)), 1)
-    assert json.loads(rx.hits[0].body)["LicenseInfo"]["Comment"] == text
+    assert json.loads(rx.received[0].body)["LicenseInfo"]["Comment"] == text
 
 
 def test_ten_thousand_row_update_delivers_every_event(db: Db) -> None:
@@ -155,7 +156,7 @@ def test_ten_thousand_row_update_delivers_every_event(db: Db) -> None:
     rx = _deliver(db, {"license_activated": ["/a"]},
                   lambda: db.execute("UPDATE license_keys SET computer_id = 'PC'"), n,
                   timeout=120)
-    keys = {json.loads(h.body)["LicenseInfo"]["ActivationKey"] for h in rx.hits}
+    keys = {json.loads(h.body)["LicenseInfo"]["ActivationKey"] for h in rx.received}
     assert len(keys) == n
     assert db.scalar("SELECT count(*) FROM qlm_bridge.delivery WHERE state = 'delivered'") == n
 
@@ -182,6 +183,6 @@ def test_interval_and_timestamps_survive_unusual_session_settings(db: Db) -> Non
                          "VALUES ('TZ', '2030-01-01 00:00:00+00')")
 
     rx = _deliver(db, {"license_created": ["/l"]}, write, 1)
-    expiry = json.loads(rx.hits[0].body)["LicenseInfo"]["ExpiryDate"]
+    expiry = json.loads(rx.received[0].body)["LicenseInfo"]["ExpiryDate"]
     assert expiry == "2030-01-01T00:00:00.000000Z"
     assert datetime.fromisoformat(expiry).utcoffset() == timedelta(0)

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Db
 
 from bench import env, run
 from bench.scenarios import Figure
+from tests.support.server import Db
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Db, previous_sql
+
+from tests.support.server import Db, previous_sql
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pytest
 
 from bridge import config
 from bridge.errors import ConfigError
+from bridge.events import ALL_EVENTS
 
 CLI = str(Path(sys.executable).parent / "qlm-bridge")
 GOOD_DSN = "postgresql://bridge@db.example/qlm"
@@ -562,7 +563,7 @@ def test_example_config_loads() -> None:
     cfg = config.load(EXAMPLE, env={"QLM_WEBHOOK_SECRET": "from-env"})
     assert cfg.webhooks.secret_key == ("from-env",)
     assert cfg.database.dsn == "postgresql://qlm_bridge_daemon@localhost/qlm"
-    assert set(cfg.webhooks.events) == {e for e in config.ALL_EVENTS if e != "license_modified"}
+    assert set(cfg.webhooks.events) == {e for e in ALL_EVENTS if e != "license_modified"}
     assert len(cfg.webhooks.events["license_activated"]) == 2
     with pytest.raises(ConfigError, match=r"\$\{QLM_WEBHOOK_SECRET\} is not set"):
         config.load(EXAMPLE, env={})

@@ -12,12 +12,13 @@ from collections.abc import Callable
 import asyncpg
 import psycopg
 import pytest
-from conftest import Db, base_config
 
 from bridge import connect
 from bridge.config import DatabaseConfig
 from bridge.errors import DatabaseUnavailable
 from bridge.listener import PROBE_PREFIX, Listener
+from tests.support.config import base_config
+from tests.support.server import Db
 
 
 def _closed_port() -> int:

@@ -19,19 +19,20 @@ from typing import Any
 import aiohttp
 import markupsafe
 import pytest
-from conftest import Db
-from receiver import Receiver, ok, status
-from test_delivery import running, wait_until
-from test_observe import _free_port
-from test_sites import db2, sites_config  # noqa: F401 (db2: a fixture)
 
 from bridge import sql
 from bridge.console import data
 from bridge.console.auth import COOKIE
 from bridge.errors import ConfigError
+from tests.support.config import SECRET  # webhooks.secret_key of the base config
+from tests.support.daemon import running, wait_until
+from tests.support.net import free_port
+from tests.support.receiver import Receiver, ok, status
+from tests.support.server import Db
+from tests.test_sites import sites_config
 
 TOKEN = "console-token-0123456789abcdef"
-SECRET = "test-secret"  # webhooks.secret_key of conftest.base_config
+
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 CHECKBOX = r'type="checkbox" name="event_id" value="([0-9a-f-]{36})"'
 PATHS = ("/console", "/console/deliveries", "/console/events/{event_id}")
@@ -73,7 +74,7 @@ async def console(db: Db, endpoints: dict[str, Any] | None = None,
     """A daemon serving the console; license_created goes to /hook (answers 500 at first).
     `endpoints`: webhooks.endpoints settings for /hook."""
     rx = await Receiver({"/hook": status(500)}).start()
-    port = _free_port()
+    port = free_port()
     webhooks: dict[str, Any] = {"events": {"license_created": rx.url("/hook"),
                                            "customer_created": rx.url("/crm")},
                                 "max_retries": 0}
@@ -244,7 +245,7 @@ def test_read_only_console_refuses_every_action(db: Db) -> None:
 
 def test_without_a_token_no_console_path_answers(db: Db) -> None:
     async def scenario() -> None:
-        port = _free_port()
+        port = free_port()
         cfg = db.config(observe={"listen": f"127.0.0.1:{port}"})
         async with running(cfg), aiohttp.ClientSession() as http:
             for path in ("/console", "/console/deliveries", "/console/login",
@@ -258,7 +259,7 @@ def test_without_a_token_no_console_path_answers(db: Db) -> None:
 
 
 def test_console_token_is_checked_and_never_shown() -> None:
-    from conftest import base_config
+    from tests.support.config import base_config
 
     with pytest.raises(ConfigError) as err:
         base_config("postgresql://x@localhost/db", observe={"console_token": "short-secret"})
@@ -557,7 +558,7 @@ def test_site_selector_only_with_several_sites(db: Db) -> None:
                    ConsoleSource("us", None, cfg, "password authentication failed")]
         runners = []
         try:
-            ports = [_free_port(), _free_port()]
+            ports = [free_port(), free_port()]
             for port, chosen in zip(ports, (sources[:1], sources), strict=True):
                 runners.append(await serve("127.0.0.1", port, Metrics(), ready,
                                            console=Console(lambda c=chosen: c, TOKEN)))
@@ -581,13 +582,13 @@ def test_site_selector_only_with_several_sites(db: Db) -> None:
     asyncio.run(scenario())
 
 
-def test_console_over_a_daemon_with_two_sites(db: Db, db2: Db) -> None:  # noqa: F811
+def test_console_over_a_daemon_with_two_sites(db: Db, db2: Db) -> None:
     """`sites:` in the config: one console, a selector, each site's own rows and URLs."""
     from bridge import config as config_mod
 
     async def scenario() -> None:
         rx = await Receiver().start()
-        port = _free_port()
+        port = free_port()
         sites = config_mod.parse_sites(sites_config(
             db, db2, rx, observe={"listen": f"127.0.0.1:{port}", "console_token": TOKEN}),
             "<sites>", env={})

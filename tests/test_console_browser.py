@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from conftest import Db
-from daemon_proc import DaemonProc, config_data, write_config
-from receiver import Receiver, ok
-from test_observe import _free_port
+
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess
+from tests.support.net import free_port
+from tests.support.receiver import Receiver, ok
+from tests.support.server import Db
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -80,7 +82,7 @@ class Stack:
         self.db = db
         self.bg = Background()
         self.rx = self.bg.run(Receiver({"/hook": answer(500, ANSWER)}).start())
-        self.port = _free_port()
+        self.port = free_port()
         cfg = config_data(db.dsn, webhooks={
             "events": {"license_created": self.rx.url("/hook"),
                        "customer_created": self.rx.url("/crm"),
@@ -88,8 +90,7 @@ class Stack:
             "max_retries": 0},
             observe={"listen": f"127.0.0.1:{self.port}",
                      "console_token": "${QLM_TEST_CONSOLE_TOKEN}"})
-        self.daemon = DaemonProc(write_config(tmp / "bridge.yaml", cfg))
-        self.bg.run(self.daemon.start())
+        self.daemon = DaemonProcess(tmp, cfg, name="bridge").start()
         self.bg.run(self.daemon.wait_log("started"))
 
     @property
@@ -107,7 +108,7 @@ class Stack:
 
     def close(self) -> None:
         try:
-            self.bg.run(self.daemon.close())
+            self.daemon.kill()
             self.bg.run(self.rx.stop())
         finally:
             self.bg.close()

@@ -4,10 +4,9 @@ import asyncio
 import hashlib
 import json
 
-from conftest import Db
-from receiver import Receiver, fail_first
-
 from bridge.daemon import Daemon
+from tests.support.receiver import Receiver, fail_first
+from tests.support.server import Db
 
 
 async def _run(db: Db) -> None:

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from collections import Counter
 from pathlib import Path
 
-from aiohttp import web
-from conftest import Db
-from daemon_proc import DaemonProc, config_data, write_config
-from receiver import Receiver
-from test_delivery import running, states, wait_until
-
-
-def slow(seconds: float) -> object:
-    async def handler(_: web.Request, __: int) -> web.StreamResponse:
-        await asyncio.sleep(seconds)
-        return web.Response(text="ok")
-    return handler
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess, running, wait_until
+from tests.support.net import free_port
+from tests.support.receiver import Receiver, delay
+from tests.support.server import Db, states
 
 
 def event_ids(db: Db) -> set[str]:
@@ -28,32 +20,32 @@ def event_ids(db: Db) -> set[str]:
 
 
 async def _sigkill(db: Db, tmp_path: Path) -> None:
-    rx = await Receiver(behaviours={"/hook": slow(0.02)}).start()  # type: ignore[dict-item]
+    rx = await Receiver(behaviours={"/hook": delay(0.02)}).start()
     n, concurrency = 300, 8
-    path = write_config(tmp_path / "bridge.yaml", config_data(
+    cfg = config_data(
         db.dsn, webhooks={"events": {"customer_created": rx.url()}, "timeout": 1,
                           "max_concurrency": concurrency, "per_url_concurrency": concurrency},
-        daemon={"lease": 3, "poll_interval": 0.3}))
-    first = await DaemonProc(path).start()
+        daemon={"lease": 3, "poll_interval": 0.3})
+    first = DaemonProcess(tmp_path, cfg, name="first").start()
     try:
         await first.wait_log("started")
         db.execute(f"INSERT INTO customers (full_name) "
                    f"SELECT 'c' || g FROM generate_series(1, {n}) g")
         await rx.wait_for(lambda: len(rx.received) >= n // 2)
-        first.send(signal.SIGKILL)
+        first.signal(signal.SIGKILL)
         assert await first.wait() == -signal.SIGKILL
         at_kill = len(rx.received)
         assert at_kill < n, "the burst finished before the kill; nothing was tested"
-        second = await DaemonProc(path).start()
+        second = DaemonProcess(tmp_path, cfg, name="second").start()
         try:
             await wait_until(lambda: states(db) == {"delivered": n}, timeout=30,
                              what="all delivered after the restart")
-            second.send(signal.SIGTERM)
+            second.signal(signal.SIGTERM)
             assert await second.wait() == 0
         finally:
-            await second.close()
+            second.kill()
     finally:
-        await first.close()
+        first.kill()
         await rx.stop()
     seen = Counter(r.headers["X-QLM-Event-Id"] for r in rx.received)
     assert set(seen) == event_ids(db)  # nothing lost
@@ -68,7 +60,7 @@ def test_sigkill_mid_stream_loses_nothing(db: Db, tmp_path: Path) -> None:
 
 
 async def _terminate(db: Db) -> None:
-    rx = await Receiver(behaviours={"/hook": slow(0.01)}).start()  # type: ignore[dict-item]
+    rx = await Receiver(behaviours={"/hook": delay(0.01)}).start()
     n = 300
     # a long poll: after the kill only the reconnects (and NOTIFY) can bring the daemon back
     cfg = db.config(webhooks={"events": {"customer_created": rx.url()}, "max_concurrency": 8},
@@ -111,42 +103,41 @@ async def _sighup(db: Db, tmp_path: Path) -> None:
     rx = await Receiver().start()
     a, b = rx.url("/a"), rx.url("/b")
     data = config_data(db.dsn, webhooks={"events": {"license_created": a}})
-    path = write_config(tmp_path / "bridge.yaml", data)
-    proc = await DaemonProc(path).start()
+    proc = DaemonProcess(tmp_path, data).start()
     try:
         await proc.wait_log("started")
         db.execute("INSERT INTO license_keys (activation_key) VALUES ('L1')")
         await rx.wait_for(lambda: len(rx.on("/a")) == 1)
 
         data["webhooks"]["events"] = {"license_created": f"{a};{b}"}
-        write_config(path, data)
-        proc.send(signal.SIGHUP)
+        proc.write_config(data)
+        proc.signal(signal.SIGHUP)
         await proc.wait_log("config reloaded")
         db.execute("INSERT INTO license_keys (activation_key) VALUES ('L2')")
         await rx.wait_for(lambda: len(rx.on("/a")) == 2 and len(rx.on("/b")) == 1)
         assert b'"L2"' in rx.on("/b")[0].body  # fanned out after the reload only
 
         data["webhooks"]["max_retries"] = -1
-        write_config(path, data)
-        proc.send(signal.SIGHUP)
+        proc.write_config(data)
+        proc.signal(signal.SIGHUP)
         await proc.wait_log("reload failed, keeping the running config")
-        assert "webhooks.max_retries" in proc.stderr
+        assert "webhooks.max_retries" in proc.log()
         db.execute("INSERT INTO license_keys (activation_key) VALUES ('L3')")
         await rx.wait_for(lambda: len(rx.on("/a")) == 3 and len(rx.on("/b")) == 2)
 
-        write_config(path, "webhooks: [unclosed\n")
-        proc.send(signal.SIGHUP)
+        proc.write_config("webhooks: [unclosed\n")
+        proc.signal(signal.SIGHUP)
         await proc.wait_log("reload failed", occurrences=2)
         db.execute("INSERT INTO license_keys (activation_key) VALUES ('L4')")
         await rx.wait_for(lambda: len(rx.on("/a")) == 4 and len(rx.on("/b")) == 3)
 
-        proc.send(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=15) == 0
     finally:
-        await proc.close()
+        proc.kill()
         await rx.stop()
-    assert "Traceback" not in proc.stderr
-    assert "test-secret" not in proc.stderr
+    assert "Traceback" not in proc.log()
+    assert "test-secret" not in proc.log()
     assert proc.count("stopped") >= 1
     assert states(db) == {"delivered": 7}
     assert db.scalar("SELECT count(*) FROM qlm_bridge.daemon") == 0  # signed off
@@ -157,19 +148,19 @@ def test_sighup_reload_valid_and_invalid(db: Db, tmp_path: Path) -> None:
 
 
 async def _sigterm_drains(db: Db, tmp_path: Path) -> None:
-    rx = await Receiver(behaviours={"/hook": slow(0.5)}).start()  # type: ignore[dict-item]
-    path = write_config(tmp_path / "bridge.yaml", config_data(
+    rx = await Receiver(behaviours={"/hook": delay(0.5)}).start()
+    cfg = config_data(
         db.dsn, webhooks={"events": {"customer_created": rx.url()}},
-        daemon={"shutdown_timeout": 5}))
-    proc = await DaemonProc(path).start()
+        daemon={"shutdown_timeout": 5})
+    proc = DaemonProcess(tmp_path, cfg).start()
     try:
         await proc.wait_log("started")
         db.execute("INSERT INTO customers (full_name) SELECT 'c' || g FROM generate_series(1, 3) g")
         await rx.wait_for(lambda: len(rx.received) == 3)
-        proc.send(signal.SIGTERM)  # three requests in flight
+        proc.signal(signal.SIGTERM)  # three requests in flight
         assert await proc.wait(timeout=15) == 0
     finally:
-        await proc.close()
+        proc.kill()
         await rx.stop()
     assert states(db) == {"delivered": 3}  # drained: finished and recorded, not abandoned
     assert db.scalar("SELECT count(*) FROM qlm_bridge.attempt_log") == 3
@@ -180,44 +171,38 @@ def test_sigterm_drains_in_flight_and_exits_0(db: Db, tmp_path: Path) -> None:
 
 
 async def _no_schema(db: Db, tmp_path: Path) -> None:
-    path = write_config(tmp_path / "bridge.yaml", config_data(db.dsn))
-    proc = await DaemonProc(path).start()
+    cfg = config_data(db.dsn)
+    proc = DaemonProcess(tmp_path, cfg).start()
     try:
         assert await proc.wait() == 1
     finally:
-        await proc.close()
-    assert "not installed" in proc.stderr and "qlm-bridge install" in proc.stderr
-    assert "Traceback" not in proc.stderr
+        proc.kill()
+    assert "not installed" in proc.log() and "qlm-bridge install" in proc.log()
+    assert "Traceback" not in proc.log()
 
 
 def test_missing_schema_exits_1_with_a_clear_message(empty_db: Db, tmp_path: Path) -> None:
     asyncio.run(_no_schema(empty_db, tmp_path))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _unreachable(tmp_path: Path) -> None:
-    dsn = f"postgresql://bridge:pw-s3cret@127.0.0.1:{_closed_port()}/qlm"
-    path = write_config(tmp_path / "bridge.yaml", config_data(
-        dsn, database={"dsn": dsn, "connect_timeout": 1}))
-    proc = await DaemonProc(path).start()
+    dsn = f"postgresql://bridge:pw-s3cret@127.0.0.1:{free_port()}/qlm"
+    cfg = config_data(
+        dsn, database={"dsn": dsn, "connect_timeout": 1})
+    proc = DaemonProcess(tmp_path, cfg).start()
     try:
         await proc.wait_log("database not reachable", occurrences=2)  # it retries
-        proc.send(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=15) == 0
     finally:
-        await proc.close()
-    assert "retrying" in proc.stderr
+        proc.kill()
+    assert "retrying" in proc.log()
     # it says what it waits for: host, port, database, user and the key (issue 9, item 5)
     port = dsn.rsplit(":", 1)[1].split("/")[0]
     assert (f"database not reachable at 127.0.0.1:{port} database 'qlm' as 'bridge' "
-            "(database.dsn; ") in proc.stderr
-    assert "stopped before the database was reachable" in proc.stderr
-    assert "pw-s3cret" not in proc.stderr and "Traceback" not in proc.stderr
+            "(database.dsn; ") in proc.log()
+    assert "stopped before the database was reachable" in proc.log()
+    assert "pw-s3cret" not in proc.log() and "Traceback" not in proc.log()
 
 
 def test_unreachable_database_at_start_retries_until_sigterm(tmp_path: Path) -> None:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
-from conftest import Db
 
 from bridge import demo
 from bridge.errors import BridgeError
 from bridge.events import QLM_EVENTS
-from bridge.signing import qlm_signature
+from tests.support.server import Db
 
 LINE = re.compile(r"^\s+(\w+)\s+-> (http://127\.0\.0\.1:\d+/qlm-webhook)\s+HTTP (\d+)\s+"
                   r"([\d.]+) ms\s+(signature valid|SIGNATURE INVALID)", re.MULTILINE)
@@ -65,22 +68,60 @@ def test_demo_refuses_a_schema_it_did_not_create(empty_db: Db) -> None:
     assert empty_db.scalar("SELECT count(*) FROM qlm_bridge_demo_data.mine") == 0
 
 
+def _qlm_signature(body: bytes, secret: str) -> str:
+    """QLM's X-QLM-Signature as the README defines it, computed here independently."""
+    return hashlib.sha256(body + secret.encode()).hexdigest()
+
+
+async def _post_to_demo(rx: demo.DemoReceiver, event_type: str, body: bytes,
+                        signature: str | None) -> int:
+    headers = {"Content-Type": "application/json", "X-QLM-Event": event_type,
+               "X-QLM-Event-Id": event_type}
+    if signature is not None:
+        headers["X-QLM-Signature"] = signature
+    async with aiohttp.ClientSession() as session, \
+            session.post(rx.url, data=body, headers=headers) as resp:
+        return resp.status
+
+
 def test_the_demo_receiver_checks_signatures() -> None:
+    """Real requests to the demo's receiver: only a correct signature of the exact bytes passes."""
     body = b'{"EventType":"license_created"}'
-    good = qlm_signature(body, "s3cret")
-    assert demo.signature_valid(body, good, "s3cret")
-    assert not demo.signature_valid(body + b" ", good, "s3cret")
-    assert not demo.signature_valid(body, good, "other")
-    assert not demo.signature_valid(body, None, "s3cret")
+    good = _qlm_signature(body, "s3cret")
+    sent = [(body, good), (body + b" ", good), (body, _qlm_signature(body, "other")),
+            (body, None), (body, good.upper())]
+
+    async def run() -> tuple[list[int], list[bool]]:
+        rx = await demo.DemoReceiver("s3cret", lambda _: None).start()
+        try:
+            codes = [await _post_to_demo(rx, "license_created", b, sig) for b, sig in sent]
+        finally:
+            await rx.stop()
+        return codes, [a.signature_ok for a in rx.arrivals]
+
+    codes, verdicts = asyncio.run(run())
+    assert codes == [200, 401, 401, 401, 200]  # hex is case-insensitive
+    assert verdicts == [True, False, False, False, True]
 
 
 def test_a_forged_signature_fails_the_demo() -> None:
+    """Every event arrives, one of them forged: the demo's verdict names the forgery."""
     lines: list[str] = []
-    rx = demo.DemoReceiver("s3cret", lines.append)
-    for step in demo.STEPS:
-        ok = step.event_type != "license_deleted"
-        rx.arrivals.append(demo.Arrival(step.event_type, step.event_type, "http://x/",
-                                        200 if ok else 401, 1.0, ok, b"{}"))
+
+    async def run() -> demo.DemoReceiver:
+        rx = await demo.DemoReceiver("s3cret", lines.append).start()
+        try:
+            for step in demo.STEPS:
+                body = json.dumps({"EventType": step.event_type}).encode()
+                secret = "forger" if step.event_type == "license_deleted" else "s3cret"
+                await _post_to_demo(rx, step.event_type, body, _qlm_signature(body, secret))
+        finally:
+            await rx.stop()
+        return rx
+
+    rx = asyncio.run(run())
+    assert [a.status for a in rx.arrivals] == [
+        401 if s.event_type == "license_deleted" else 200 for s in demo.STEPS]
     with pytest.raises(BridgeError, match="invalid X-QLM-Signature"):
         demo._summary(rx, lines.append)
     assert lines[-1].startswith("summary: 6/7 events delivered, 6/7 signatures valid")

@@ -18,15 +18,16 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import Db
-from receiver import Receiver
-from test_delivery import running, wait_until
 
 from bridge.config import Config
+from tests.support.daemon import running, wait_until
+from tests.support.receiver import Receiver
+from tests.support.server import Db
 
 
 def body_of(r: Any) -> dict[str, Any]:
-    return json.loads(r.body)
+    body: dict[str, Any] = json.loads(r.body)
+    return body
 
 
 @contextlib.asynccontextmanager

@@ -7,12 +7,12 @@ import asyncio
 import json
 
 import pytest
-from conftest import Db
-from receiver import Receiver
-from test_delivery import running
 
 from bridge.daemon import Daemon
 from bridge.errors import ConfigError
+from tests.support.daemon import running
+from tests.support.receiver import Receiver
+from tests.support.server import Db
 
 
 async def _deliver_one(db: Db, key: str,

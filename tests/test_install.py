@@ -14,12 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
-from conftest import Db, base_config, previous_sql
 
 from bridge import install, sql
 from bridge.config import Config
 from bridge.errors import ConfigError, InstallError
+from tests.support import config as support_config
+from tests.support.config import base_config
+from tests.support.server import Db, previous_sql
 
 CAPTURE_FUNCS = ("capture_license_v1", "capture_customer_v1")
 V = install.SCHEMA_VERSION
@@ -68,9 +69,8 @@ def has_schema(db: Db, name: str) -> bool:
 
 
 def write_config(path: Path, dsn: str, **sections: Any) -> Path:
-    data: dict[str, Any] = {"database": {"dsn": dsn}, **sections}
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    """A minimal config (the defaults, not the test base config)."""
+    return support_config.write_config(path, {"database": {"dsn": dsn}, **sections})
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -513,6 +513,10 @@ def test_an_override_onto_another_columns_field_is_refused(
 
 def test_an_override_for_a_missing_column_does_not_clash(db: Db) -> None:
     install.install(db.config(webhooks={"field_names": {"license": {"no_such": "ActivationKey"}}}))
+    names = dict(db.query("SELECT column_name, coalesce(override, field_name) "
+                          "FROM qlm_bridge.field_map WHERE kind = 'license'"))
+    assert names["activation_key"] == "ActivationKey"  # the present column keeps its name
+    assert names["no_such"] == "ActivationKey"  # kept for when the column appears
 
 
 def test_the_sample_schema_has_unique_field_names(empty_db: Db) -> None:

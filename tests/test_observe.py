@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -16,20 +15,16 @@ from typing import Any
 
 import aiohttp
 import yaml
-from conftest import Db
 from prometheus_client.parser import text_string_to_metric_families
-from receiver import Receiver, status
 
 from bridge.daemon import Daemon
 from bridge.observe import JsonFormatter, TextFormatter
+from tests.support.net import free_port
+from tests.support.receiver import Receiver, status
+from tests.support.server import Db
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _parse(text: str) -> Samples:
@@ -87,7 +82,7 @@ def _delivered_and_queued(scraper: Scraper, a: str, down: str) -> Callable[[], A
 async def _scrape_a_running_daemon(db: Db) -> None:
     rx = await Receiver(behaviours={"/down": status(503)}).start()
     a, down = rx.url("/a"), rx.url("/down")
-    port = _free_port()
+    port = free_port()
     cfg = db.config(
         webhooks={"events": {"customer_created": [a, down], "license_created": [a]},
                   "retry_interval": 300, "max_retries": 3},
@@ -105,6 +100,7 @@ async def _scrape_a_running_daemon(db: Db) -> None:
 
             # ready: the database answers and a probe NOTIFY came back on the LISTEN connection
             await _until(ready, "/readyz to answer 200")
+            before_ann = time.monotonic()
             db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
             db.execute("INSERT INTO license_keys (activation_key, customer_id) VALUES ('K1', 1)")
             await _until(_delivered_and_queued(scraper, a, down), "the delivery metrics")
@@ -126,8 +122,14 @@ async def _scrape_a_running_daemon(db: Db) -> None:
             assert _get(m, captured, event_type="license_created") == 1
             assert _get(m, "qlm_bridge_listener_connected") == 1
             assert _get(m, "qlm_bridge_notifications_arrive") == 1  # the probe came back
+            # the one pending delivery (to /down) is the oldest: its age is bounded by the time
+            # since Ann was written, and it keeps growing while it waits
             oldest = _get(m, "qlm_bridge_oldest_pending_seconds")
-            assert oldest is not None and oldest >= 0
+            assert oldest is not None and 0 < oldest <= time.monotonic() - before_ann + 0.5
+            await asyncio.sleep(1)
+            later = _get(await scraper.metrics(), "qlm_bridge_oldest_pending_seconds")
+            assert later is not None and later - oldest >= 0.9
+            m = scraper.samples
             assert _get(m, "qlm_bridge_in_flight") == 0
             assert await scraper.json("/healthz") == (200, {"status": "ok"})
             code, body = await scraper.json("/readyz")

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,19 +21,25 @@ from typing import Any
 
 import psycopg
 import pytest
-from aiohttp import web
-from campaign import FaultReceiver, self_signed_cert, server_ssl
-from conftest import Db
 
 from bridge import ops
-from bridge.config import Config
 from bridge.errors import BridgeError
+from tests.support.campaign import self_signed_cert, server_ssl
+from tests.support.config import SECRET
+from tests.support.receiver import (
+    Receiver,
+    delay,
+    in_thread,
+    json_answer,
+    redirect,
+    text_answer,
+)
+from tests.support.server import Db
 
 CLI = str(Path(sys.executable).parent / "qlm-bridge")
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 A = "http://127.0.0.1:9/a"
 B = "http://127.0.0.1:9/b"
-SECRET = "test-secret"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -332,8 +337,9 @@ def test_prune_skips_locked_rows_instead_of_waiting(db: Db) -> None:
         conn.execute("SET lock_timeout = '3s'")  # a wait would fail the test, not hang it
         assert ops.prune_once(conn, cfg, now=NOW) == (1, 0)
         holder.rollback()
-    assert {r[0] for r in db.query("SELECT id FROM qlm_bridge.event")} == {busy}
-    assert free != busy
+    left = {r[0] for r in db.query("SELECT id FROM qlm_bridge.event")}
+    assert busy in left and free not in left  # pruned past the locked row, which waits its turn
+    assert left == {busy}
 
 
 def test_prune_cli(db: Db, tmp_path: Path) -> None:
@@ -368,67 +374,14 @@ def test_durations() -> None:
 # --- send-test against a real receiver --------------------------------------------------------
 
 
-@dataclass
-class Receiver:
-    port: int
-    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    loop = asyncio.new_event_loop()
-    got: Receiver = Receiver(0)
-    stop = asyncio.Event()
-
-    async def record(request: web.Request) -> None:
-        got.requests.append((request.path, dict(request.headers), await request.read()))
-
-    async def ok(request: web.Request) -> web.Response:
-        await record(request)
-        return web.json_response({"received": True, "pad": "x" * 2000})
-
-    async def fail(request: web.Request) -> web.Response:
-        await record(request)
-        return web.Response(status=500, text="receiver exploded")
-
-    async def redirect(request: web.Request) -> web.Response:
-        await record(request)
-        raise web.HTTPFound(got.url("/ok"))
-
-    async def slow(request: web.Request) -> web.Response:
-        await record(request)
-        await asyncio.sleep(5)
-        return web.Response(text="late")
-
-    ready = threading.Event()
-
-    async def serve() -> None:
-        app = web.Application()
-        app.add_routes([web.post("/ok", ok), web.post("/fail", fail),
-                        web.post("/redirect", redirect), web.post("/slow", slow)])
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        got.port = runner.addresses[0][1]
-        ready.set()
-        await stop.wait()
-        await runner.cleanup()
-        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in rest:  # e.g. /slow, still sleeping
-            task.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield got
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
-    loop.close()
+    rx = Receiver(behaviours={"/ok": json_answer({"received": True, "pad": "x" * 2000}),
+                              "/fail": text_answer("receiver exploded", 500),
+                              "/slow": delay(5)})
+    with in_thread(rx):
+        rx.behaviours["/redirect"] = redirect(rx.url("/ok"), 302)
+        yield rx
 
 
 def test_send_test_signs_and_reports(db: Db, receiver: Receiver) -> None:
@@ -436,7 +389,8 @@ def test_send_test_signs_and_reports(db: Db, receiver: Receiver) -> None:
     [result] = ops.send_test([receiver.url("/ok")], "license_activated", cfg)
     assert result.ok and result.status == 200 and result.latency_ms > 0
     assert json.loads(result.response)["received"] is True
-    [(path, hdrs, body)] = receiver.requests
+    [got] = receiver.received
+    path, hdrs, body = got.path, got.headers, got.body
     assert path == "/ok"
     assert hdrs["X-QLM-Signature"] == hashlib.sha256(body + SECRET.encode()).hexdigest()
     assert hdrs["X-QLM-Event"] == "license_activated" and hdrs["X-QLM-Test"] == "1"
@@ -458,8 +412,10 @@ def test_send_test_failures(db: Db, receiver: Receiver) -> None:
     assert redirect.location == receiver.url("/ok")
     assert "not followed" in ops.format_send_result(redirect)
     assert slow.status is None and "timeout after 0.3 s" in (slow.error or "")
-    assert [p for p, _, _ in receiver.requests] == ["/fail", "/redirect", "/slow"]  # no /ok
-    assert json.loads(receiver.requests[0][2])["CustomerInfo"]["FullName"] == "Test Customer"
+    # no /ok: a followed redirect would arrive there (as a GET)
+    assert [(r.method, r.path) for r in receiver.received] == [
+        ("POST", "/fail"), ("POST", "/redirect"), ("POST", "/slow")]
+    assert json.loads(receiver.received[0].body)["CustomerInfo"]["FullName"] == "Test Customer"
 
 
 def test_send_test_connection_refused(db: Db) -> None:
@@ -473,14 +429,14 @@ def test_send_test_honours_block_private_addresses(db: Db, receiver: Receiver) -
     cfg = db.config(webhooks={"block_private_addresses": True})
     [result] = ops.send_test([receiver.url("/ok")], "license_created", cfg)
     assert result.status is None and "blocked" in (result.error or "")
-    assert receiver.requests == []
+    assert receiver.received == []
 
 
 def test_send_test_verifies_tls_and_honours_ca_bundle(db: Db, tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
 
     async def run() -> tuple[ops.SendResult, ops.SendResult, int]:
-        tls = await FaultReceiver(ssl_context=server_ssl(cert, key)).start()
+        tls = await Receiver(ssl_context=server_ssl(cert, key)).start()
         try:
             [refused] = await asyncio.to_thread(ops.send_test, [tls.url("/t")],
                                                 "license_created", db.config())
@@ -510,13 +466,13 @@ webhooks:
     result = run_cli("send-test", "--config", str(path), "--event", "license_released")
     assert result.returncode == 1
     assert "HTTP 200" in result.stdout and "HTTP 500" in result.stdout
-    released = json.loads(receiver.requests[-1][2])
+    released = json.loads(receiver.received[-1].body)
     assert released["Previous"]["ComputerID"] == "TEST-COMPUTER"
     assert run_cli("send-test", "--config", str(path), "ftp//nope").returncode == 2
     assert run_cli("send-test", "--config", str(path), "--event", "customer_deleted"
                    ).returncode == 2  # nothing configured for it
     assert run_cli("send-test", "--config", str(path)).returncode == 2
-    assert len(receiver.requests) == 3
+    assert len(receiver.received) == 3
 
 
 def test_send_test_cli_says_when_unsigned(db: Db, receiver: Receiver, tmp_path: Path) -> None:
@@ -524,9 +480,5 @@ def test_send_test_cli_says_when_unsigned(db: Db, receiver: Receiver, tmp_path: 
     result = run_cli("send-test", "--config", str(path), receiver.url("/ok"))
     assert result.returncode == 0, result.stderr
     assert f"note: no secret_key for {receiver.url('/ok')}; unsigned" in result.stderr
-    assert "X-QLM-Signature" not in receiver.requests[-1][1]
+    assert "X-QLM-Signature" not in receiver.received[-1].headers
 
-
-def test_config_fixture_is_signed(db: Db) -> None:
-    cfg: Config = db.config()
-    assert cfg.webhooks.secret_key == (SECRET,)

@@ -9,11 +9,11 @@ import re
 from typing import Any
 
 import psycopg
-from conftest import Db
-from receiver import Receiver
-from test_delivery import running
 
 from bridge import install
+from tests.support.daemon import running
+from tests.support.receiver import Receiver
+from tests.support.server import Db
 
 UTC_FORM = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")  # payload.iso_utc's form
 EXTRA_COLUMNS = ("ALTER TABLE license_keys ADD COLUMN local_ts timestamp, ADD COLUMN day date, "

@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pgbouncer
 import pytest
-from conftest import Db, Server
-from daemon_proc import DaemonProc, config_data, write_config
 from prometheus_client.parser import text_string_to_metric_families
-from receiver import Receiver
+
+from tests.support import pgbouncer
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess
+from tests.support.receiver import Receiver
+from tests.support.server import Db, Server
 
 CLI = str(Path(sys.executable).parent / "qlm-bridge")
 HOOK = "/hook"
@@ -58,12 +60,12 @@ def bouncer(pg_server: Server) -> Iterator[pgbouncer.PgBouncer]:
 
 
 def _config(tmp_path: Path, dsn: str, rx: Receiver, port: int,
-            daemon: dict[str, Any] | None = None, **database: Any) -> Path:
+            daemon: dict[str, Any] | None = None, **database: Any) -> dict[str, Any]:
     data = config_data(dsn, database=database, daemon=daemon or {},
                        webhooks={"events": {"customer_created": [rx.url(HOOK)]}},
                        observe={"listen": f"127.0.0.1:{port}"},
                        retention={"batch_size": 10})
-    return write_config(tmp_path / "config.yaml", data)
+    return data
 
 
 async def _insert(db: Db, count: int, start: int = 0) -> None:
@@ -77,8 +79,8 @@ def _event_ids(rx: Receiver) -> Counter[str]:
     return Counter(r.headers["X-QLM-Event-Id"] for r in rx.on(HOOK))
 
 
-def _warnings(d: DaemonProc) -> list[str]:
-    return [line for line in d.lines if " WARNING " in line or " ERROR " in line
+def _warnings(d: DaemonProcess) -> list[str]:
+    return [line for line in d.log().splitlines() if " WARNING " in line or " ERROR " in line
             or "Traceback" in line]
 
 
@@ -136,7 +138,7 @@ async def _direct_listen(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: Path) -
     path = _config(tmp_path, bouncer.dsn(db.name), rx, port, {"poll_interval": SLOW_POLL},
                    listen_dsn=db.dsn, prepared_statements=False)
     bouncer.warm(db.name)
-    d = await DaemonProc(path).start()
+    d = DaemonProcess(tmp_path, path).start()
     try:
         async with aiohttp.ClientSession() as session:
             probe = Probe(session, port)
@@ -157,7 +159,7 @@ async def _direct_listen(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: Path) -
             assert set(_event_ids(rx).values()) == {1}
 
             # the operator's commands through the pooler
-            cfg = str(path)
+            cfg = str(d.config_path)
             done = await _cli("install", "--config", cfg)
             assert done.returncode == 0, done.stderr
             status = await _cli("status", "--json", "--config", cfg)
@@ -170,10 +172,10 @@ async def _direct_listen(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: Path) -
             assert db.query("SELECT d.state, d.attempts FROM qlm_bridge.delivery d JOIN "
                             "qlm_bridge.event e ON e.id = d.event_id WHERE e.event_id = %s",
                             (again,)) == [("pending", 0)]
-        d.send(signal.SIGTERM)
-        assert await d.wait() == 0, d.stderr
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0, d.log()
     finally:
-        await d.close()
+        d.kill()
         await rx.stop()
     # prune: batches of 10 rows, the same statement more often than psycopg needs to start
     # preparing it
@@ -183,10 +185,10 @@ async def _direct_listen(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: Path) -
     logged = db.scalar("SELECT count(*) FROM qlm_bridge.attempt_log")
     assert settled >= 200 and logged >= 201
     pruned = await _cli("prune", "--older-than", "0s", "--logs-older-than", "0s",
-                        "--config", str(path))
+                        "--config", str(d.config_path))
     assert pruned.returncode == 0, pruned.stderr
     assert f"pruned {settled} events and {logged} log rows" in pruned.stdout
-    assert _warnings(d) == [], d.stderr
+    assert _warnings(d) == [], d.log()
     assert "prepared statement" not in bouncer.log()
 
 
@@ -202,7 +204,7 @@ async def _listen_through_pooler(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path:
     rx = await Receiver().start()
     port = pgbouncer.free_port()
     path = _config(tmp_path, bouncer.dsn(db.name), rx, port, prepared_statements=False)
-    d = await DaemonProc(path).start()
+    d = DaemonProcess(tmp_path, path).start()
     try:
         async with aiohttp.ClientSession() as session:
             probe = Probe(session, port)
@@ -221,15 +223,15 @@ async def _listen_through_pooler(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path:
             await rx.wait_for(lambda: len(rx.on(HOOK)) == 50, 60)  # by polling
             assert set(_event_ids(rx).values()) == {1}
             assert await not_ready()  # still: the probes keep failing
-        d.send(signal.SIGTERM)
-        assert await d.wait() == 0, d.stderr
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0, d.log()
     finally:
-        await d.close()
+        d.kill()
         await rx.stop()
     told = [line for line in _warnings(d) if "database.listen_dsn" in line]
-    assert len(told) == 1, d.stderr  # one warning, not one per probe
+    assert len(told) == 1, d.log()  # one warning, not one per probe
     assert "notifications do not arrive" in told[0] and "transaction" in told[0]
-    assert _warnings(d) == told, d.stderr
+    assert _warnings(d) == told, d.log()
     assert _attempts_per_delivery(db) == {1: 50}
 
 
@@ -246,7 +248,7 @@ async def _prepared_statements(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: P
     port = pgbouncer.free_port()
     path = _config(tmp_path, bouncer.dsn(db.name), rx, port, listen_dsn=db.dsn)
     bouncer.warm(db.name)
-    d = await DaemonProc(path).start()
+    d = DaemonProcess(tmp_path, path).start()
     try:
         await d.wait_log("database.prepared_statements: false", timeout=30)
         await _insert(db, 100)
@@ -257,13 +259,13 @@ async def _prepared_statements(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: P
                              "WHERE state <> 'delivered'") == 0
 
         await _until(settled, "every delivery to be recorded", 30)
-        d.send(signal.SIGTERM)
-        assert await d.wait() == 0, d.stderr
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0, d.log()
     finally:
-        await d.close()
+        d.kill()
         await rx.stop()
-    told = [line for line in d.lines if "database.prepared_statements: false" in line]
-    assert len(told) == 1, d.stderr  # said once; the pool went on without them
+    told = [line for line in d.log().splitlines() if "database.prepared_statements: false" in line]
+    assert len(told) == 1, d.log()  # said once; the pool went on without them
     assert "HINT:" in told[0] and "pgbouncer" in told[0]
     assert set(_event_ids(rx).values()) == {1}, "an event was delivered twice"
     assert _attempts_per_delivery(db) == {1: 100}
@@ -271,7 +273,7 @@ async def _prepared_statements(db: Db, bouncer: pgbouncer.PgBouncer, tmp_path: P
     # the same setting through psycopg: prune repeats one statement until psycopg prepares it
     db.execute("INSERT INTO customers (full_name) SELECT 'x' || i FROM generate_series(1, 80) i")
     db.execute("UPDATE qlm_bridge.event SET fanned_out = true")
-    pruned = await _cli("prune", "--older-than", "0s", "--config", str(path))
+    pruned = await _cli("prune", "--older-than", "0s", "--config", str(d.config_path))
     assert pruned.returncode == 1, pruned.stdout + pruned.stderr
     assert "database.prepared_statements: false" in pruned.stderr
     assert "Traceback" not in pruned.stderr

@@ -7,38 +7,24 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from campaign import (
-    DaemonProcess,
-    FaultReceiver,
-    big_body,
-    config_dict,
-    insert_licenses,
-    query,
-    redirect,
-    self_signed_cert,
-    server_ssl,
-    status,
-)
-from conftest import Db, base_config
 
 from bridge import config as config_mod
 from bridge import ops
 from bridge.daemon import Daemon
-from bridge.dispatch import Dispatcher, sanitize
+from bridge.dispatch import BlockedAddress, Dispatcher, GuardedResolver, sanitize
 from bridge.errors import BridgeError
 from bridge.observe import TextFormatter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.campaign import campaign_config, insert_licenses, self_signed_cert, server_ssl
+from tests.support.config import base_config
+from tests.support.daemon import DaemonProcess
+from tests.support.net import free_port
+from tests.support.receiver import Receiver, big_body, redirect, status
+from tests.support.server import Db, query
 
 
 def _with_password(dsn: str, password: str) -> str:
@@ -66,12 +52,12 @@ def test_secret_never_leaks(db: Db, tmp_path: Path) -> None:
 
     async def run() -> tuple[str, str, bytes]:
         cert, key = self_signed_cert(tmp_path)
-        rx = await FaultReceiver(behaviours={"/500": status(500)}).start()
-        tls = await FaultReceiver(ssl_context=server_ssl(cert, key)).start()
-        metrics_port = _free_port()
+        rx = await Receiver(behaviours={"/500": status(500)}).start()
+        tls = await Receiver(ssl_context=server_ssl(cert, key)).start()
+        metrics_port = free_port()
         urls = [rx.url("/ok"), rx.url("/500"), tls.url("/tls"),
-                f"http://127.0.0.1:{_free_port()}/refused"]
-        cfg = config_dict(_with_password(db.dsn, dbpw), webhooks={
+                f"http://127.0.0.1:{free_port()}/refused"]
+        cfg = campaign_config(_with_password(db.dsn, dbpw), webhooks={
             "secret_key": secret, "events": {"license_created": urls}, "max_retries": 1,
             "retry_interval": 0.1}, observe={"listen": f"127.0.0.1:{metrics_port}",
                                              "log_level": "debug"})
@@ -121,17 +107,19 @@ def test_secret_not_in_config_errors() -> None:
 def test_database_password_not_in_daemon_errors(tmp_path: Path) -> None:
     """An unreachable database is logged by host and port, never with the password."""
     dbpw = f"DBPW-{uuid.uuid4().hex}"
-    dsn = f"postgresql://postgres:{dbpw}@127.0.0.1:{_free_port()}/nowhere"
+    dsn = f"postgresql://postgres:{dbpw}@127.0.0.1:{free_port()}/nowhere"
 
     async def run() -> str:
-        d = DaemonProcess(tmp_path, config_dict(dsn)).start()
-        await asyncio.sleep(2.5)
-        await d.terminate()
+        d = DaemonProcess(tmp_path, campaign_config(dsn)).start()
+        try:
+            await d.wait_log("database not reachable", occurrences=2)  # it retries, and says so
+        finally:
+            await d.terminate()
         return d.log()
 
     log = asyncio.run(run())
-    assert "not reachable" in log or "cannot" in log
     assert dbpw not in log
+    assert "Traceback" not in log
 
 
 # --- TLS and redirects ---------------------------------------------------------------------------
@@ -141,7 +129,7 @@ def test_tls_verified_by_default_and_ca_bundle_works(tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
 
     async def run() -> tuple[Any, Any]:
-        tls = await FaultReceiver(ssl_context=server_ssl(cert, key)).start()
+        tls = await Receiver(ssl_context=server_ssl(cert, key)).start()
         try:
             refused = await _post(_webhooks(), tls.url("/t"))
             trusted = await _post(_webhooks(ca_bundle=str(cert)), tls.url("/t"))
@@ -157,27 +145,26 @@ def test_tls_verified_by_default_and_ca_bundle_works(tmp_path: Path) -> None:
 
 def test_redirects_are_not_followed() -> None:
     async def run() -> tuple[Any, int]:
-        rx = await FaultReceiver(behaviours={"/r": redirect("/elsewhere")}).start()
+        rx = await Receiver(behaviours={"/r": redirect("/elsewhere")}).start()
         try:
             out = await _post(_webhooks(), rx.url("/r"))
         finally:
             await rx.stop()
-        return out, rx.counts["/elsewhere"]
+        return out, len(rx.anything_but({"/r"}))  # a followed 301 arrives as a GET
 
     out, followed = asyncio.run(run())
-    assert not out.ok and out.status == 301 and "redirect not followed" in (out.error or "")
     assert followed == 0
+    assert not out.ok and out.status == 301 and "redirect not followed" in (out.error or "")
 
 
 # --- the private address guard -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "2130706433",
-                                  "127.1", "0.0.0.0", "[::1]", "169.254.169.254", "10.0.0.1",
-                                  "[fe80::1]"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "0.0.0.0",
+                                  "[::1]", "169.254.169.254", "10.0.0.1", "[fe80::1]"])
 def test_private_address_guard(host: str) -> None:
     async def run() -> tuple[Any, Any, int]:
-        rx = await FaultReceiver().start()
+        rx = await Receiver().start()
         url = f"http://{host}:{rx.port}/p"
         try:
             guarded = await _post(_webhooks(block_private_addresses=True, timeout=1), url)
@@ -187,9 +174,23 @@ def test_private_address_guard(host: str) -> None:
         return guarded, plain, rx.counts["/p"]
 
     guarded, plain, hits = asyncio.run(run())
-    # refused before any connection: blocked by the guard, or not even a valid URL to aiohttp
-    assert not guarded.ok and (guarded.error or "").startswith(("blocked", "InvalidUrl")), guarded
+    assert not guarded.ok and (guarded.error or "").startswith("blocked"), guarded
     assert plain.ok and hits == 1  # only the unguarded request arrived
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.1"])
+def test_private_address_guard_resolves_odd_ipv4_spellings(host: str) -> None:
+    """aiohttp refuses these spellings of 127.0.0.1 today; should it ever accept one, the guard's
+    resolver must still see the loopback address behind it."""
+    async def run() -> None:
+        resolver = GuardedResolver()
+        try:
+            with pytest.raises(BlockedAddress, match=r"127\.0\.0\.1"):
+                await resolver.resolve(host, 80)
+        finally:
+            await resolver.close()
+
+    asyncio.run(run())
 
 
 # --- bounded bodies, no log injection ------------------------------------------------------------
@@ -204,7 +205,7 @@ def test_sanitize_bounds_the_escaped_text() -> None:
 
 def test_stored_response_bodies_are_bounded(db: Db) -> None:
     async def run() -> None:
-        rx = await FaultReceiver(behaviours={"/big": big_body(), "/esc": _escapes()}).start()
+        rx = await Receiver(behaviours={"/big": big_body(), "/esc": _escapes()}).start()
         cfg = db.config(webhooks={"events": {"license_created": [rx.url("/big"),
                                                                  rx.url("/esc")]},
                                   "max_response_body": 1000})

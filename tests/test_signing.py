@@ -27,19 +27,20 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Db
-from daemon_proc import DaemonProc, config_data, write_config
-from receiver import Behaviour, Receiver
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
-from test_delivery import QLM_SEVEN, _seven_changes, running, states
-from test_observe import _free_port
-from test_ops import run_cli
 
 from bridge import config as config_mod
 from bridge import ops, payload, signing
 from bridge.signing import Signer
 from bridge.verify import verify_signature, verify_standard_webhook
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess, running
+from tests.support.net import free_port
+from tests.support.receiver import Behaviour, Receiver
+from tests.support.server import Db, states
+from tests.test_delivery import QLM_SEVEN, _seven_changes
+from tests.test_ops import run_cli
 
 
 def _b64(seed: bytes) -> str:
@@ -269,13 +270,12 @@ async def _rotation(db: Db, tmp_path: Path) -> tuple[list[Verdicts], list[dict[s
     rx = await Receiver(behaviours={
         "/sw-old": official(OLD, verdicts), "/sw-new": official(NEW, verdicts),
         "/qlm-old": qlm_style(OLD, verdicts), "/qlm-new": qlm_style(NEW, verdicts)}).start()
-    port = _free_port()
+    port = free_port()
     data = config_data(db.dsn, webhooks={
         "secret_key": STEPS[0][0], "standard_webhooks": True, "max_retries": 0,
         "events": {"customer_created": [rx.url(p) for p in PATHS]}},
         observe={"listen": f"127.0.0.1:{port}", "log_level": "debug"})
-    path = write_config(tmp_path / "bridge.yaml", data)
-    proc = await DaemonProc(path).start()
+    proc = DaemonProcess(tmp_path, data).start()
     per_step: list[Verdicts] = []
     send_tests: list[dict[str, int]] = []
     pages: dict[str, str] = {}
@@ -287,8 +287,8 @@ async def _rotation(db: Db, tmp_path: Path) -> tuple[list[Verdicts], list[dict[s
         for n, secrets in enumerate([s for s, _ in STEPS] + [[BAD, NEW]]):
             if n:
                 data["webhooks"]["secret_key"] = secrets
-                write_config(path, data)
-                proc.send(signal.SIGHUP)
+                proc.write_config(data)
+                proc.signal(signal.SIGHUP)
                 if secrets[0] == BAD:
                     await proc.wait_log("reload failed, keeping the running config")
                 else:
@@ -299,18 +299,18 @@ async def _rotation(db: Db, tmp_path: Path) -> tuple[list[Verdicts], list[dict[s
             await rx.wait_for(lambda want=want: len(verdicts) == want)
             per_step.append({k: v for k, v in verdicts.items() if k not in before})
             if secrets[0] != BAD:
-                send_tests.append(await asyncio.to_thread(_send_test, path))
+                send_tests.append(await asyncio.to_thread(_send_test, proc.config_path))
         assert proc.proc is not None and proc.proc.pid == pid and proc.proc.returncode is None
         async with aiohttp.ClientSession() as session:
             for page in ("/metrics", "/healthz", "/readyz"):
                 async with session.get(f"http://127.0.0.1:{port}{page}") as resp:
                     pages[page] = await resp.text()
-        proc.send(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0
     finally:
-        await proc.close()
+        proc.kill()
         await rx.stop()
-    return per_step, send_tests, proc.stderr, pages
+    return per_step, send_tests, proc.log(), pages
 
 
 def test_rotation_with_sighup_and_send_test(db: Db, tmp_path: Path) -> None:

@@ -7,30 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Db, Server, base_config
-from daemon_proc import DaemonProc, config_data, write_config
-from receiver import Receiver
 
 from bridge import config as config_mod
 from bridge.errors import ConfigError
-
-_n = itertools.count()
-
-
-@pytest.fixture
-def db2(pg_server: Server, template_db: str) -> Iterator[Db]:
-    name = f"qlmb_site2_{next(_n)}_{template_db[-8:]}"
-    dsn = pg_server.create_database(name, template=template_db)
-    yield Db(name, dsn, pg_server)
-    pg_server.drop_database(name)
+from tests.support.config import base_config, config_data
+from tests.support.daemon import DaemonProcess
+from tests.support.receiver import Receiver
+from tests.support.server import Db
 
 
 def sites_config(db: Db, db2: Db, rx: Receiver, **extra: Any) -> dict[str, Any]:
@@ -64,7 +53,7 @@ def test_config_without_sites_is_one_default_site(db: Db) -> None:
 
 
 def test_site_overrides_key_by_key_and_same_database_is_an_error(db: Db) -> None:
-    data = {"webhooks": {"max_retries": 7, "timeout": 3},
+    data: dict[str, Any] = {"webhooks": {"max_retries": 7, "timeout": 3},
             "sites": {"a": {"database": {"dsn": db.dsn},
                             "webhooks": {"max_retries": 2}},
                       "b": {"database": {"dsn": db.dsn, "schema": "other"}}}}
@@ -91,11 +80,10 @@ def test_two_sites_each_with_its_urls_and_secret_and_sighup(db: Db, db2: Db,
 
 async def _two_sites(db: Db, db2: Db, tmp_path: Path) -> None:
     rx = await Receiver().start()
-    path = tmp_path / "sites.yaml"
     data = sites_config(db, db2, rx)
-    d = DaemonProc(write_config(path, data))
+    d = DaemonProcess(tmp_path, data, name="sites")
     try:
-        await d.start()
+        d.start()
         await d.wait_log("started", occurrences=2)
         insert(db, "EU", 3)
         insert(db2, "US", 4)
@@ -104,11 +92,11 @@ async def _two_sites(db: Db, db2: Db, tmp_path: Path) -> None:
                          [(r, b"us-secret") for r in rx.on("/us")]:
             assert r.headers["X-QLM-Signature"] == hashlib.sha256(r.body + secret).hexdigest()
         assert sorted(keys(rx, "/eu")) == ["EU-1", "EU-2", "EU-3"]
-        assert "site=eu" in d.stderr and "site=us" in d.stderr
+        assert "site=eu" in d.log() and "site=us" in d.log()
         # SIGHUP: switch the us site off; only it is skipped
         data["sites"]["us"]["webhooks"]["enabled"] = False
-        write_config(path, data)
-        d.send(signal.SIGHUP)
+        d.write_config(data)
+        d.signal(signal.SIGHUP)
         await d.wait_log("config reloaded")
         insert(db, "EU2", 2)
         insert(db2, "US2", 2)
@@ -121,20 +109,20 @@ async def _two_sites(db: Db, db2: Db, tmp_path: Path) -> None:
         data["sites"]["eu2"] = {"database": {"dsn": db.dsn},
                                 "webhooks": {"secret_key": "eu2-secret",
                                              "events": {"license_created": rx.url("/eu2")}}}
-        write_config(path, data)
-        d.send(signal.SIGHUP)
+        d.write_config(data)
+        d.signal(signal.SIGHUP)
         await d.wait_log("site eu2 added")
         await d.wait_log("site eu removed")
         await d.wait_log("started", occurrences=3)
         insert(db, "EU3", 2)
         await rx.wait_for(lambda: len(rx.on("/eu2")) == 2)
         assert len(rx.on("/eu")) == 5
-        d.send(signal.SIGTERM)
+        d.signal(signal.SIGTERM)
         assert await d.wait() == 0
     finally:
-        await d.close()
+        d.kill()
         await rx.stop()
-    assert "Traceback" not in d.stderr
+    assert "Traceback" not in d.log()
 
 
 def test_one_site_cut_off_while_the_other_delivers(db: Db, db2: Db, tmp_path: Path) -> None:
@@ -144,9 +132,9 @@ def test_one_site_cut_off_while_the_other_delivers(db: Db, db2: Db, tmp_path: Pa
 async def _cut_off(db: Db, db2: Db, tmp_path: Path) -> None:
     rx = await Receiver().start()
     data = sites_config(db, db2, rx)
-    d = DaemonProc(write_config(tmp_path / "sites.yaml", data))
+    d = DaemonProcess(tmp_path, data, name="sites")
     try:
-        await d.start()
+        d.start()
         await d.wait_log("started", occurrences=2)
         insert(db2, "US-A", 5)
         await rx.wait_for(lambda: len(rx.on("/us")) == 5)
@@ -158,15 +146,18 @@ async def _cut_off(db: Db, db2: Db, tmp_path: Path) -> None:
         # the eu site keeps delivering meanwhile
         for i in range(5):
             insert(db, f"EU-{i}", 10)
-            await rx.wait_for(lambda i=i: len(rx.on("/eu")) == 10 * (i + 1), timeout=10)
+            def arrived(want: int = 10 * (i + 1)) -> bool:
+                return len(rx.on("/eu")) == want
+
+            await rx.wait_for(arrived, timeout=10)
         db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS true")
         insert(db2, "US-B", 5)  # written once access is back
         await rx.wait_for(lambda: len(rx.on("/us")) == 10, timeout=30)
-        d.send(signal.SIGTERM)
+        d.signal(signal.SIGTERM)
         assert await d.wait() == 0
     finally:
         db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS true")
-        await d.close()
+        d.kill()
         await rx.stop()
     assert sorted(keys(rx, "/us")) == sorted([f"US-A-{i}" for i in range(1, 6)]
                                              + [f"US-B-{i}" for i in range(1, 6)])

@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
-from conftest import Db
-from daemon_proc import DaemonProc, config_data, write_config
-from receiver import Receiver
-from test_delivery import running, wait_until
+
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess, running, wait_until
+from tests.support.receiver import Receiver
+from tests.support.server import Db
 
 
 class AckCutter:
@@ -153,9 +154,9 @@ async def _sigkilled_daemon_is_taken_over_within_seconds(db: Db, tmp_path: Path)
     data = config_data(db.dsn, webhooks={"events": {"license_created": rx.url("/hook")},
                                          "timeout": 30},
                        daemon={"lease": 120, "heartbeat_interval": 0.5})
-    victim = DaemonProc(write_config(tmp_path / "victim.yaml", data))
+    victim = DaemonProcess(tmp_path, data, name="victim")
     try:
-        await victim.start()
+        victim.start()
         await victim.wait_log("started")
         db.execute("INSERT INTO license_keys (activation_key) "
                    "SELECT 'T-' || g FROM generate_series(1, 5) g")
@@ -166,7 +167,7 @@ async def _sigkilled_daemon_is_taken_over_within_seconds(db: Db, tmp_path: Path)
                                      daemon={"lease": 120, "heartbeat_interval": 0.5})):
             assert db.scalar("SELECT count(*) FROM qlm_bridge.delivery "
                              "WHERE locked_by = %s", (victim_id,)) == 5
-            victim.send(signal.SIGKILL)
+            victim.signal(signal.SIGKILL)
             assert await victim.wait() == -signal.SIGKILL
             release.set()  # the receiver answers again; the lease still has ~2 minutes to run
             await wait_until(lambda: db.scalar(
@@ -176,7 +177,7 @@ async def _sigkilled_daemon_is_taken_over_within_seconds(db: Db, tmp_path: Path)
                             (victim_id,))
             assert gone == [(True,)]
     finally:
-        await victim.close()
+        victim.kill()
         await rx.stop()
     from bridge import ops
 

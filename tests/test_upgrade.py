@@ -13,12 +13,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Db
-from receiver import Receiver
-from test_delivery import running, wait_until
-from test_install import cli, write_config
 
 from bridge import install, ops, sql
+from tests.support.daemon import running, wait_until
+from tests.support.receiver import Receiver
+from tests.support.server import Db
+from tests.test_install import cli, write_config
 
 KEYS = ("PENDING", "RETRYING", "FAILED", "DELIVERED", "INFLIGHT", "UNFANNED")
 # What a version-1 daemon left behind, per license key (its license_created delivery).

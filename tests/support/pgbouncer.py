@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 
-from bridge.embedded import _free_port as free_port
+from tests.support.net import free_port
 
 RUN_AS = "postgres"  # the OS user PgBouncer runs as when the tests run as root
 

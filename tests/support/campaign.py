@@ -1,314 +1,52 @@
-"""The reliability campaign's harness: a fault-injecting receiver, the daemon as a real child
-process (so it can be SIGKILLed and its RSS measured), writers, and one function per campaign
-case returning its figures. tests/test_reliability.py runs short versions in CI;
-scripts/reliability.py runs the long ones and prints the table for RELIABILITY.md.
-"""
+"""The reliability campaign: writers, and one function per campaign case returning its
+figures (the receiver, the daemon process and the base config come from tests.support).
+tests/test_reliability.py runs bounded versions in CI; scripts/reliability.py runs the long
+ones and prints the table for RELIABILITY.md."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import logging
-import os
 import random
-import signal
-import socket
 import ssl
 import statistics
-import struct
 import subprocess
-import sys
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import yaml
-from aiohttp import web
 
-ROOT = Path(__file__).resolve().parent.parent
-Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+from tests.support.config import config_data
+from tests.support.daemon import DaemonProcess, sampling
+from tests.support.receiver import (
+    Behaviour,
+    Received,
+    Receiver,
+    big_body,
+    black_hole,
+    flaky,
+    redirect,
+    reset,
+    slow_body,
+    status,
+)
+from tests.support.server import execute, query
 
-# --- receiver behaviours ---------------------------------------------------------------------
-
-
-async def ok(_: web.Request, __: int) -> web.StreamResponse:
-    return web.Response(text="ok")
-
-
-def status(code: int, **headers: str) -> Behaviour:
-    async def handler(_: web.Request, __: int) -> web.StreamResponse:
-        return web.Response(status=code, text=f"status {code}", headers=headers)
-    return handler
-
-
-def redirect(location: str) -> Behaviour:
-    async def handler(_: web.Request, __: int) -> web.StreamResponse:
-        return web.Response(status=301, headers={"Location": location})
-    return handler
+# The campaign's policy over the base config: more retries, a shorter lease (faster reclaim).
+CAMPAIGN: dict[str, dict[str, Any]] = {"webhooks": {"max_retries": 5}, "daemon": {"lease": 3}}
 
 
-def big_body(size: int = 10 * 1024 * 1024) -> Behaviour:
-    chunk = b"x" * 65536
-
-    async def handler(request: web.Request, __: int) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers={"Content-Length": str(size)})
-        await resp.prepare(request)
-        sent = 0
-        with contextlib.suppress(ConnectionError, OSError):
-            while sent < size:
-                await resp.write(chunk[:size - sent])
-                sent += len(chunk)
-        return resp
-    return handler
-
-
-def slow_body(status_code: int = 500) -> Behaviour:
-    """Headers at once, then one byte every 0.2 s, forever."""
-    async def handler(request: web.Request, __: int) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status_code)
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError, OSError):
-            while True:
-                await resp.write(b".")
-                await asyncio.sleep(0.2)
-        return resp
-    return handler
-
-
-def reset() -> Behaviour:
-    """Abort the TCP connection with an RST after reading the request."""
-    async def handler(request: web.Request, __: int) -> web.StreamResponse:
-        transport = request.transport
-        assert transport is not None
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-        raise ConnectionResetError("reset by the test receiver")
-    return handler
-
-
-def black_hole() -> Behaviour:
-    async def handler(_: web.Request, __: int) -> web.StreamResponse:
-        await asyncio.sleep(3600)
-        return web.Response()
-    return handler
-
-
-def flaky(failure_rate: float, seed: int = 7) -> Behaviour:
-    rng = random.Random(seed)
-
-    async def handler(_: web.Request, __: int) -> web.StreamResponse:
-        if rng.random() < failure_rate:
-            return web.Response(status=503, text="flaky")
-        return web.Response(text="ok")
-    return handler
-
-
-@dataclass
-class Hit:
-    path: str
-    event_id: str
-    at: float
-    body: bytes
-    headers: dict[str, str]
-
-
-@dataclass
-class FaultReceiver:
-    """A real aiohttp receiver on 127.0.0.1 (optionally TLS), that can go down and come back
-    on the same port. Bodies up to 64 MB are accepted (the 1 MB text case)."""
-
-    behaviours: dict[str, Behaviour] = field(default_factory=dict)
-    ssl_context: ssl.SSLContext | None = None
-    keep_bodies: bool = False
-    hits: list[Hit] = field(default_factory=list)
-    counts: Counter[str] = field(default_factory=Counter)
-    port: int = 0
-    _runner: web.AppRunner | None = None
-
-    async def start(self) -> FaultReceiver:
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # the injected faults
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("POST", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1,
-                                     handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context,
-                           reuse_address=True)
-        await site.start()
-        server: Any = site._server
-        self.port = server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def url(self, path: str) -> str:
-        scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.port}{path}"
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        path = request.path
-        self.counts[path] += 1
-        self.hits.append(Hit(path, request.headers.get("X-QLM-Event-Id", ""), time.monotonic(),
-                             body if self.keep_bodies else b"", dict(request.headers)))
-        return await self.behaviours.get(path, ok)(request, self.counts[path])
-
-    def unique(self, path: str) -> set[str]:
-        return {h.event_id for h in self.hits if h.path == path}
-
-    def duplicates(self, path: str) -> int:
-        n = sum(1 for h in self.hits if h.path == path)
-        return n - len(self.unique(path))
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float,
-                       what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; "
-                                     f"received {len(self.hits)} request(s)")
-            await asyncio.sleep(0.05)
-
-
-# --- the daemon as a child process -----------------------------------------------------------
-
-
-def config_dict(dsn: str, **sections: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "database": {"dsn": dsn},
-        "webhooks": {"secret_key": "campaign-secret", "retry_interval": 0.2, "timeout": 2,
-                     "max_retries": 5},
-        "daemon": {"poll_interval": 0.5, "lease": 3, "heartbeat_interval": 0.5,
-                   "shutdown_timeout": 2, "reconnect_max_delay": 0.5},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
-
-
-class DaemonProcess:
-    """`python -m bridge run` in a child process; stderr goes to a file."""
-
-    def __init__(self, workdir: Path, config: dict[str, Any], name: str = "daemon") -> None:
-        self.workdir = workdir
-        self.config_path = workdir / f"{name}.yaml"
-        self.log_path = workdir / f"{name}.log"
-        self.write_config(config)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.rss_samples: list[int] = []
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        self.config = config
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(config))
-        tmp.replace(self.config_path)
-
-    def start(self) -> DaemonProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QLM_BRIDGE_")}
-        env["PYTHONPATH"] = str(ROOT)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path)],
-                stdout=log, stderr=log, env=env, cwd=str(ROOT))
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def wait_ready(self, dsn: str, schema: str = "qlm_bridge", timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}): {self.log()}")
-            with contextlib.suppress(psycopg.Error):
-                rows = await asyncio.to_thread(
-                    query, dsn, f'SELECT 1 FROM "{schema}".daemon WHERE pid = %s', (self.pid,))
-                if rows:
-                    return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"daemon not ready after {timeout:g} s: {self.log()[-2000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def terminate(self, timeout: float = 15) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.proc.poll() is None:
-            self.kill()
-        return int(self.proc.returncode or 0)
-
-    def rss_kb(self) -> int:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except (OSError, AssertionError):
-            pass
-        return 0
-
-    def open_fds(self) -> int:
-        try:
-            return len(os.listdir(f"/proc/{self.pid}/fd"))
-        except OSError:
-            return 0
-
-    def sample(self) -> None:
-        rss = self.rss_kb()
-        if rss:
-            self.rss_samples.append(rss)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-async def sampling(daemons: Callable[[], list[DaemonProcess]], every: float = 0.2) -> None:
-    """Sample the RSS of the daemons until cancelled."""
-    while True:
-        for d in daemons():
-            d.sample()
-        await asyncio.sleep(every)
+def campaign_config(dsn: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The base config with the campaign's policy, then `sections` merged over it."""
+    merged = {k: {**CAMPAIGN.get(k, {}), **v} for k, v in sections.items()}
+    return config_data(dsn, **{**CAMPAIGN, **merged})
 
 
 # --- database helpers ------------------------------------------------------------------------
-
-
-def query(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
-        return conn.execute(statement.encode() if params is None else statement,
-                            params).fetchall()
-
-
-def execute(dsn: str, statement: str, params: Any = None) -> None:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(statement.encode() if params is None else statement, params)
 
 
 def insert_licenses(dsn: str, prefix: str, start: int, count: int) -> None:
@@ -359,9 +97,9 @@ async def crash_storm(dsn: str, workdir: Path, *, events: int = 5000, urls: int 
     """Write `events` license_created events (each to `urls` URLs) while SIGKILLing the daemon
     `kills` times at random moments; then let a last daemon drain everything."""
     rng = random.Random(seed)
-    rx = await FaultReceiver().start()
+    rx = await Receiver().start()
     paths = [f"/u{i}" for i in range(urls)]
-    cfg = config_dict(dsn, webhooks={"events": {"license_created": [rx.url(p) for p in paths]},
+    cfg = campaign_config(dsn, webhooks={"events": {"license_created": [rx.url(p) for p in paths]},
                                      "max_concurrency": max_concurrency,
                                      "per_url_concurrency": max(1, max_concurrency // urls)})
     batch = max(1, events // (kills * 4 + 4))
@@ -379,12 +117,12 @@ async def crash_storm(dsn: str, workdir: Path, *, events: int = 5000, urls: int 
         for k in range(kills + 1):
             d = DaemonProcess(workdir, cfg, name=f"crash{k}")
             daemons.append(d)
-            before = len(rx.hits)
+            before = len(rx.received)
             spawned = time.monotonic()
             d.start()
 
             def resumed(b: int = before) -> bool:
-                return len(rx.hits) > b or (writing.done() and _all_delivered(dsn))
+                return len(rx.received) > b or (writing.done() and _all_delivered(dsn))
 
             await rx.wait_for(resumed, 60, "deliveries after a restart")
             resume.append(time.monotonic() - spawned)
@@ -440,8 +178,9 @@ async def database_faults(dsn: str, workdir: Path, *, terminations: int = 10,
                           gap: float = 1.0) -> dict[str, Any]:
     """Terminate the daemon's connections `terminations` times (and restart the server
     `restarts` times when `restart` is given) while events flow; time each resume."""
-    rx = await FaultReceiver().start()
-    cfg = config_dict(dsn, webhooks={"events": {"license_created": [rx.url("/a"), rx.url("/b")]}})
+    rx = await Receiver().start()
+    cfg = campaign_config(
+        dsn, webhooks={"events": {"license_created": [rx.url("/a"), rx.url("/b")]}})
     d = DaemonProcess(workdir, cfg, name="dbfaults").start()
     counter = iter(range(10**9))
     resume_term: list[float] = []
@@ -519,7 +258,7 @@ FAULTS: dict[str, Callable[[], Behaviour]] = {
     "500": lambda: status(500),
     "429_retry_after": lambda: status(429, **{"Retry-After": "2"}),
     "301_elsewhere": lambda: redirect("/elsewhere"),
-    "10mb_body": lambda: big_body(),
+    "100mb_body": lambda: big_body(100 * 1024 * 1024),
     "slow_endless_body": lambda: slow_body(),
     "no_answer": black_hole,
     "connection_reset": reset,
@@ -531,25 +270,23 @@ async def receiver_faults(dsn: str, workdir: Path, *, good_events: int = 40,
                           retry_interval: float = 0.5, timeout: float = 1.5) -> dict[str, Any]:
     """Each fault on its own URL (customer_created), a healthy URL (license_created) fed during
     the faults. Figures: attempts per fault vs the policy, the healthy URL's delivery and
-    latency, daemon RSS."""
-    rx = await FaultReceiver(behaviours={f"/{k}": f() for k, f in FAULTS.items()},
-                             keep_bodies=True).start()
+    latency, daemon RSS (the kernel's high-water mark, so no peak is missed), and every request
+    that is not a POST to a configured path (a followed redirect arrives as a GET)."""
+    rx = await Receiver(behaviours={f"/{k}": f() for k, f in FAULTS.items()}).start()
     cert, key = self_signed_cert(workdir)
-    tls = await FaultReceiver(ssl_context=server_ssl(cert, key)).start()
+    tls = await Receiver(ssl_context=server_ssl(cert, key)).start()
     fault_urls = {k: rx.url(f"/{k}") for k in FAULTS} | {"tls_untrusted": tls.url("/tls")}
-    cfg = config_dict(dsn, webhooks={
+    cfg = campaign_config(dsn, webhooks={
         "events": {"customer_created": list(fault_urls.values()),
                    "license_created": [rx.url("/good")]},
         "max_retries": max_retries, "retry_interval": retry_interval, "timeout": timeout,
         "max_response_body": 4096, "per_url_concurrency": 4})
     d = DaemonProcess(workdir, cfg, name="rxfaults").start()
-    sampler = asyncio.create_task(sampling(lambda: [d]))
     inserted: dict[str, float] = {}
     try:
         await d.wait_ready(dsn)
         await asyncio.sleep(0.5)
-        d.sample()
-        baseline = d.rss_kb()
+        baseline = d.peak_rss_kb()
         await asyncio.to_thread(execute, dsn, "INSERT INTO customers (full_name) VALUES ('F')")
         for i in range(good_events):
             await asyncio.to_thread(insert_licenses, dsn, "G", i, 1)
@@ -568,15 +305,14 @@ async def receiver_faults(dsn: str, workdir: Path, *, good_events: int = 40,
             query, dsn, "SELECT url, state FROM qlm_bridge.delivery"))
         bodies = await asyncio.to_thread(
             query, dsn, "SELECT max(length(response_body)) FROM qlm_bridge.attempt_log")
-        ra = [h.at for h in rx.hits if h.path == "/429_retry_after"]
-        peak = max(d.rss_samples, default=0)
+        ra = [h.at for h in rx.received if h.path == "/429_retry_after"]
+        peak = d.peak_rss_kb()
         await d.terminate()
     finally:
-        sampler.cancel()
         d.kill()
         await rx.stop()
         await tls.stop()
-    latencies = sorted(h.at - inserted.get(_key_of(h), h.at) for h in rx.hits if h.path == "/good")
+    latencies = sorted(h.at - inserted.get(_key_of(h), h.at) for h in rx.on("/good"))
     cases = {}
     for name, url in fault_urls.items():
         tries = attempts.get(url, [])
@@ -584,7 +320,8 @@ async def receiver_faults(dsn: str, workdir: Path, *, good_events: int = 40,
                        "state": states.get(url), "last": (tries[-1] if tries else None)}
     cases["429_retry_after"]["min_gap_s"] = round(min(
         (b - a for a, b in itertools.pairwise(ra)), default=0), 2)
-    cases["301_elsewhere"]["followed"] = rx.counts.get("/elsewhere", 0)
+    configured = {f"/{k}" for k in FAULTS} | {"/good"}
+    cases["301_elsewhere"]["followed"] = len(rx.anything_but(configured))
     return {
         "cases": cases,
         "good_delivered": len(rx.unique("/good")), "good_expected": good_events,
@@ -595,7 +332,7 @@ async def receiver_faults(dsn: str, workdir: Path, *, good_events: int = 40,
     }
 
 
-def _key_of(hit: Hit) -> str:
+def _key_of(hit: Received) -> str:
     info = json.loads(hit.body).get("LicenseInfo") or {}
     return str(info.get("ActivationKey", ""))
 
@@ -603,10 +340,10 @@ def _key_of(hit: Hit) -> str:
 async def receiver_down(dsn: str, workdir: Path, *, down: float = 30.0,
                         retry_interval: float = 1.0, events: int = 20) -> dict[str, Any]:
     """The receiver is down for `down` seconds, then back on the same port."""
-    rx = await FaultReceiver().start()
+    rx = await Receiver().start()
     port = rx.port
     max_retries = int(down / retry_interval) * 2 + 5
-    cfg = config_dict(dsn, webhooks={"events": {"license_created": [rx.url("/down")]},
+    cfg = campaign_config(dsn, webhooks={"events": {"license_created": [rx.url("/down")]},
                                      "retry_interval": retry_interval,
                                      "max_retries": max_retries})
     d = DaemonProcess(workdir, cfg, name="rxdown").start()
@@ -616,11 +353,11 @@ async def receiver_down(dsn: str, workdir: Path, *, down: float = 30.0,
         went_down = time.monotonic()
         await asyncio.to_thread(insert_licenses, dsn, "D", 0, events)
         await asyncio.sleep(down)
-        rx = FaultReceiver(port=port)
+        rx = Receiver(port=port)
         await rx.start()
         back = time.monotonic()
         await rx.wait_for(lambda: len(rx.unique("/down")) >= events, 30, "delivery once back")
-        first = min(h.at for h in rx.hits)
+        first = min(h.at for h in rx.received)
         attempts = await asyncio.to_thread(
             query, dsn, "SELECT max(attempts), min(attempts) FROM qlm_bridge.delivery")
         await d.terminate()
@@ -641,8 +378,8 @@ async def soak(dsn: str, workdir: Path, *, seconds: float = 1800, rate: float = 
                failure_rate: float = 0.1, prune_interval: float = 10,
                sample_every: float = 5) -> dict[str, Any]:
     """A steady rate of events to a flaky receiver with scheduled prune running."""
-    rx = await FaultReceiver(behaviours={"/flaky": flaky(failure_rate)}).start()
-    cfg = config_dict(dsn, webhooks={"events": {"license_created": [rx.url("/flaky"),
+    rx = await Receiver(behaviours={"/flaky": flaky(failure_rate)}).start()
+    cfg = campaign_config(dsn, webhooks={"events": {"license_created": [rx.url("/flaky"),
                                                                     rx.url("/ok")]},
                                      "max_retries": 8},
                       retention={"delivered_days": 1 / 86400 * 5, "log_days": 1 / 86400 * 5,

@@ -1,0 +1,1 @@
+"""The test suite (a package, so bench/ and scripts/ can import tests.support)."""
