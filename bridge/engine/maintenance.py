@@ -53,6 +53,9 @@ class Maintenance:
 
     async def _every(self, name: str, interval: Callable[[], float],
                      job: Callable[[], Awaitable[None]]) -> None:
+        # half an interval out of step with the listener's keep-alive (same interval), so an
+        # idle site's heartbeat and probe share one pool connection instead of keeping two
+        await asyncio.sleep(interval() / 2)
         while True:
             seconds = interval()
             if seconds <= 0:  # switched off (retention.prune_interval: 0); look again later
