@@ -25,9 +25,8 @@ QLM_EVENTS: Final = tuple(e for e in ALL_EVENTS if e != "license_modified")
 
 INFO_KEY: Final[dict[str, str]] = {"license": "LicenseInfo", "customer": "CustomerInfo"}
 
-_UPPER_PARTS: Final = {"id", "url", "uuid", "ip"}
-
-# QLM's own field names where the generic rule would say something else.
+# QLM's own field names where the naming rule (SQL: field_name_v1, computer_id -> ComputerID)
+# would say something else.
 QLM_FIELD_NAMES: Final[dict[str, dict[str, str]]] = {
     "license": {
         "activation_count": "ActivationCount",
@@ -43,17 +42,3 @@ QLM_FIELD_NAMES: Final[dict[str, dict[str, str]]] = {
 
 def kind_of(event_type: str) -> Kind:
     return "license" if event_type.startswith("license_") else "customer"
-
-
-def pascal_case(column: str) -> str:
-    """``computer_id`` -> ``ComputerID``; ``expiry_date`` -> ``ExpiryDate``."""
-    parts = [p for p in column.split("_") if p]
-    if not parts:
-        return column
-    return "".join(p.upper() if p.lower() in _UPPER_PARTS else p[:1].upper() + p[1:] for p in parts)
-
-
-def field_name(kind: Kind, column: str, overrides: dict[str, str] | None = None) -> str:
-    if overrides and column in overrides:
-        return overrides[column]
-    return QLM_FIELD_NAMES[kind].get(column) or pascal_case(column)
