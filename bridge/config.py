@@ -549,12 +549,28 @@ class Config(_Model):
         return hashlib.sha256(dumped).hexdigest()[:12]
 
     def subscriptions_fingerprint(self) -> str:
-        """A short hash of what decides fan-out (webhooks.events and enabled): every daemon on
-        one bridge schema must agree on it, or an event would miss the URLs only another
-        daemon knows."""
+        """A short hash of what every daemon on one bridge schema must agree on: what decides
+        fan-out (webhooks.events and enabled; or an event would miss the URLs only another
+        daemon knows), which URLs are delivered in order per key and by which key columns, and
+        the endpoints' shared rate limits and breakers (or one daemon would send unordered or
+        unlimited beside the others)."""
         wh = self.webhooks
+        urls = sorted({u for _, u in wh.subscriptions()})
+
+        def ordering(url: str) -> str:
+            ep = wh.endpoints.get(url)
+            return (ep.ordering if ep is not None and ep.ordering else wh.ordering)
+
+        limits = {url: [ep.rate_limit, ep.circuit_breaker.model_dump()
+                        if ep.circuit_breaker is not None else None]
+                  for url, ep in sorted(wh.endpoints.items())
+                  if ep.rate_limit is not None or ep.circuit_breaker is not None}
         dumped = json.dumps({"events": {k: list(v) for k, v in wh.events.items() if v},
-                             "enabled": wh.enabled}, sort_keys=True).encode()
+                             "enabled": wh.enabled,
+                             "per_key": [u for u in urls if ordering(u) == "per_key"],
+                             "keys": [list(self.capture.licenses.key),
+                                      list(self.capture.customers.key)],
+                             "limits": limits}, sort_keys=True).encode()
         return hashlib.sha256(dumped).hexdigest()[:12]
 
     def capture_modified(self) -> bool:

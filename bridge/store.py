@@ -162,9 +162,10 @@ class Store:
         return bool(await self.pool.fetchval(self.q["snapshot_settled"], snapshot))
 
     async def heartbeat(self, hostname: str, pid: int, config_hash: str,
-                        interval: float) -> None:
-        await self.pool.execute(self.q["heartbeat"], self.owner, hostname, pid, config_hash,
-                                interval)
+                        interval: float) -> bool:
+        """Record a heartbeat; True if another daemon had marked this one gone meanwhile."""
+        return bool(await self.pool.fetchval(self.q["heartbeat"], self.owner, hostname, pid,
+                                             config_hash, interval))
 
     async def daemon_gone(self) -> None:
         await self.pool.execute(self.q["daemon_gone"], self.owner)

@@ -201,10 +201,14 @@ SELECT NOT EXISTS (
 
 -- name: heartbeat
 -- $5: this daemon's heartbeat interval: other daemons count it dead after three missed beats.
+-- Returns true when another daemon had marked this one gone (it was cut off long enough for
+-- its leases to be ended: what it still holds may be sent by others now).
+WITH prev AS (SELECT d.gone_at FROM __SCHEMA__.daemon d WHERE d.id = $1)
 INSERT INTO __SCHEMA__.daemon (id, hostname, pid, config_hash, heartbeat_interval)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), config_hash = EXCLUDED.config_hash,
-                               heartbeat_interval = EXCLUDED.heartbeat_interval, gone_at = NULL;
+                               heartbeat_interval = EXCLUDED.heartbeat_interval, gone_at = NULL
+RETURNING coalesce((SELECT prev.gone_at IS NOT NULL FROM prev), false) AS was_gone;
 
 -- name: daemon_gone
 DELETE FROM __SCHEMA__.daemon WHERE id = $1;

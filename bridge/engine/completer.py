@@ -87,7 +87,10 @@ class Completer:
                     self._writing = []
                 failures = 0
                 resent = False
-                self.on_done(batch, changes)
+                try:
+                    self.on_done(batch, changes)
+                except Exception:  # a bug here must not end the completer (slots would leak)
+                    log.exception("error after recording %d result(s)", len(batch))
 
     async def _write(self, batch: list[Result], resent: bool) -> list[BreakerChange]:
         await self.store.ack(batch, resent)

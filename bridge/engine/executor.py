@@ -40,9 +40,9 @@ class Executor:
         """Send one attempt. A cancelled request (shutdown) still yields a Result (it may have
         reached the receiver): it is logged and due again at once, for any daemon."""
         policy = self._policy(c.url)
-        body, headers = policy.request(c.event)
         started = datetime.now(UTC)
         try:
+            body, headers = policy.request(c.event)
             out = await self._dispatcher().post(c.url, body, headers, timeout=policy.timeout)
         except asyncio.CancelledError:
             out = Outcome(False, None, "cancelled: the daemon was shutting down", None,

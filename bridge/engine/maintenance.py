@@ -70,8 +70,9 @@ class Maintenance:
     async def heartbeat(self) -> None:
         cfg = self.config()
         try:
-            await self.store.heartbeat(self.hostname, self.pid, cfg.subscriptions_fingerprint(),
-                                       cfg.daemon.heartbeat_interval)
+            was_gone = await self.store.heartbeat(self.hostname, self.pid,
+                                                  cfg.subscriptions_fingerprint(),
+                                                  cfg.daemon.heartbeat_interval)
         except Exception as exc:
             if not self._heartbeat_failing:
                 log.warning("heartbeat failed (%s): other daemons will count this one gone "
@@ -82,6 +83,13 @@ class Maintenance:
         if self._heartbeat_failing:
             log.info("heartbeat recorded again")
         self._heartbeat_failing = False
+        if was_gone:
+            # others ended this daemon's leases: what is queued here may be theirs now
+            dropped = self.producer.slots.drop_queues()
+            log.warning("this daemon had been marked gone by another (no heartbeat for three "
+                        "intervals); dropped %d queued delivery(ies) without sending them",
+                        len(dropped))
+            self.producer.wake.set()
         await self.reap()
 
     async def reap(self) -> None:

@@ -68,6 +68,7 @@ class Producer:
         self.tasks: set[asyncio.Task[None]] = set()
         self._backlog = False
         self.quiet = 0  # passes in a row whose fan-out found no new event
+        self.starved: set[str] = set()  # URLs left out of `more` for lack of room
         self._failures: dict[str, int] = {}  # consecutive failures per breaker URL, here
 
     # --- one pass ----------------------------------------------------------------------------
@@ -128,14 +129,26 @@ class Producer:
     async def _claim(self, cfg: Config) -> bool:
         pol = self.policies()
         wanted = self.slots.room(u for u in self.urls if u in self.more)
-        shared = {u: n for u, n in wanted.items() if pol(u).shared_state}
+        for url in list(self.more):
+            if url not in wanted and url not in self.due:
+                self.more.discard(url)  # no room: an acknowledgement of its rows asks again
+                self.starved.add(url)
+        shared = {u: min(n, pol(u).concurrency - self.slots.held_for(u))
+                  for u, n in wanted.items() if pol(u).shared_state}  # no prefetch: rates
+        #   and breakers are charged when rows are claimed, so claim only what starts now
         admitted = {}
         if shared:
             admitted = await self.store.admit(
                 shared, [pol(u).rate_limit for u in shared], [pol(u).burst for u in shared],
                 max(pol(u).timeout for u in shared) + 5)  # a probe's answer is due by then
             now = self.clock.monotonic()
-            for url, adm in admitted.items():
+            for url in shared:
+                adm = admitted.get(url)
+                if adm is None:  # no shared row yet: nothing is sent unlimited
+                    wanted[url] = 0
+                    await self.store.endpoints_init([url], [pol(url).burst])
+                    self.due[url] = now + 0.01
+                    continue
                 wanted[url] = adm.granted
                 if adm.wait is not None:
                     self.due[url] = now + max(adm.wait, 0.001)
@@ -144,6 +157,7 @@ class Producer:
             return False
         self.last_claim = self.clock.monotonic()
         claimed = await self.store.claim(wanted, cfg.daemon.lease)
+        self._start(claimed, cfg)  # before anything else can fail: claimed rows must go out
         got = Counter(c.url for c in claimed)
         for url, asked in wanted.items():
             if got[url] < asked:
@@ -154,8 +168,10 @@ class Producer:
                   if admitted[u].granted > got[u]}
         if unused:
             probes = {u for u in unused if pol(u).breaker is not None and got[u] == 0}
-            await self.store.refund(unused, probes)
-        self._start(claimed, cfg)
+            try:
+                await self.store.refund(unused, probes)
+            except Exception as exc:  # tokens and probes lapse by themselves
+                log.warning("could not give back unused rate tokens or probes: %s", exc)
         return bool(claimed)
 
     # --- starting requests -----------------------------------------------------------------
@@ -234,6 +250,9 @@ class Producer:
         pol = self.policies()
         for r in batch:
             self.slots.acked(r.claimed)
+            if r.claimed.url in self.starved:  # room again: its due rows may be claimed
+                self.starved.discard(r.claimed.url)
+                self.more.add(r.claimed.url)
             if r.retry_in is None and pol(r.claimed.url).per_key:
                 self.more.add(r.claimed.url)  # its key's next event may be claimed now
             if r.retry_in is not None:
@@ -268,7 +287,10 @@ class Producer:
         cfg = self.config()
         if self.more or self.fan_more:
             # not idle, only out of room: a freed slot, a wake-up or an endpoint wait ending
-            # brings the next pass; the NOTIFY flag stays as it is
+            # brings the next pass; a flag that is on keeps its expiry renewed
+            if self.gate.on and self.gate.idle():
+                await self.store.set_sleeping(True, self.gate.expiry)
+                self.gate.flag_set(await self.store.current_snapshot())
             await wait_any((self.wake, self.slot_free), self._timeout(cfg))
             self.slot_free.clear()
             return

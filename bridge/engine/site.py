@@ -105,8 +105,9 @@ class Site:
             raise ConfigError("webhooks.field_names: " + "; ".join(clashes))
         self.w.dispatcher = Dispatcher(cfg.webhooks)
         await self.w.dispatcher.start()
-        slots = Slots(lambda url: self.w.policies(url).concurrency, cfg.webhooks.prefetch,
-                      cfg.webhooks.max_concurrency, self.clock)
+        slots = Slots(lambda url: self.w.policies(url).concurrency,
+                      lambda: self.w.config.webhooks.prefetch,
+                      lambda: self.w.config.webhooks.max_concurrency, self.clock)
         executor = Executor(self._dispatcher, lambda url: self.w.policies(url), self.metrics)
         self.completer = Completer(store, lambda url: self.w.policies(url), self.metrics,
                                    self.clock, self._recorded, cfg.daemon.reconnect_max_delay)
@@ -230,7 +231,8 @@ class Site:
             raise ConfigError(
                 "webhooks.events/enabled differ from those of the running daemon(s) "
                 + ", ".join(others) + " on the same bridge schema; every daemon must fan out "
-                "alike: stop them first, or edit every config and send SIGHUP to each daemon")
+                "alike (also per-key ordering, capture keys and endpoint rate limits and "
+                "breakers): stop them first, or edit every config and send SIGHUP to each daemon")
 
     async def apply_db_config(self, config: Config) -> list[str]:
         """Write the license_modified switch and the field-name overrides of `config`;

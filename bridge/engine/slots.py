@@ -22,11 +22,12 @@ Key = tuple[int, int]  # (delivery id, attempt): a lease that expired while an a
 
 
 class Slots:
-    def __init__(self, limit: Callable[[str], int], prefetch: int, max_concurrency: int,
-                 clock: Clock) -> None:
+    def __init__(self, limit: Callable[[str], int], prefetch: int | Callable[[], int],
+                 max_concurrency: int | Callable[[], int], clock: Clock) -> None:
         self.limit = limit
-        self.prefetch = prefetch
-        self.max_concurrency = max_concurrency
+        # fixed numbers, or getters that follow a reloaded config
+        self._prefetch = prefetch if callable(prefetch) else (lambda: prefetch)
+        self._max = max_concurrency if callable(max_concurrency) else (lambda: max_concurrency)
         self.clock = clock
         self.held: dict[Key, Claimed] = {}  # claimed, not yet acknowledged or given back
         self._per_url: Counter[str] = Counter()  # held, per URL
@@ -41,10 +42,11 @@ class Slots:
         """How many more rows each URL may claim now (only URLs with room)."""
         out = {}
         now = self.clock.monotonic()
+        prefetch = self._prefetch()
         for url in urls:
             if self._paused.get(url, 0.0) > now:
                 continue
-            n = self.limit(url) + self.prefetch - self._per_url[url]
+            n = self.limit(url) + prefetch - self._per_url[url]
             if n > 0:
                 out[url] = n
         return out
@@ -62,12 +64,13 @@ class Slots:
         start: list[Claimed] = []
         expired: list[Claimed] = []
         now = self.clock.monotonic()
+        bound = self._max()
         for url in list(self._queues if urls is None else urls):
             queue = self._queues.get(url)
             if queue is None or self._paused.get(url, 0.0) > now:
                 continue
             limit = self.limit(url)
-            while queue and self._running[url] < limit and self.sent < self.max_concurrency:
+            while queue and self._running[url] < limit and self.sent < bound:
                 c, start_by = queue.popleft()
                 if now > start_by:
                     expired.append(c)
@@ -130,3 +133,7 @@ class Slots:
 
     def running(self, url: str) -> int:
         return self._running[url]
+
+    def held_for(self, url: str) -> int:
+        """Rows of `url` claimed and not yet acknowledged or given back."""
+        return self._per_url[url]
