@@ -118,12 +118,17 @@ BEGIN
 END
 $qlm_bridge$;
 
+-- changed_v2, payload_info_v2 and payload_previous_v2 run in the daemon's claim, once per
+-- delivery, with the daemon's privileges (not SECURITY DEFINER): they carry no SET search_path,
+-- whose save and restore on every call cost about a third of the rendering (147 -> 101 us of
+-- server CPU per delivery, measured on PostgreSQL 15). pg_catalog is searched first anyway, and
+-- the bridge's own functions are schema-qualified.
 -- The columns an UPDATE changed, with their old values: (key, old value as JSON text), in
 -- column order. Values are compared as the trigger wrote them (same session, same text for the
 -- same value), so a change the writer can see is a change here.
 CREATE FUNCTION __SCHEMA__.changed_v2(new_row json, old_row json)
 RETURNS TABLE (key text, value text, n bigint)
-LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+LANGUAGE sql STABLE PARALLEL SAFE AS $qlm_bridge$
     SELECT o.key, o.value::text, o.n
       FROM json_each(old_row) WITH ORDINALITY AS o(key, value, n)
       LEFT JOIN json_each(new_row) AS w(key, value) ON w.key = o.key
@@ -136,7 +141,7 @@ $qlm_bridge$;
 -- through the same rules. The claim statement calls this once per claimed delivery.
 CREATE FUNCTION __SCHEMA__.payload_info_v2(kind text, row_data json, row_data_v1 jsonb)
 RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+LANGUAGE sql STABLE PARALLEL SAFE AS $qlm_bridge$
     SELECT '{' || string_agg(
                to_json(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)))::text
                || ':' || CASE f.type_name
@@ -154,7 +159,7 @@ $qlm_bridge$;
 CREATE FUNCTION __SCHEMA__.payload_previous_v2(kind text, row_data json, old_data json,
                                                previous_v1 jsonb)
 RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+LANGUAGE sql STABLE PARALLEL SAFE AS $qlm_bridge$
     SELECT '{' || string_agg(
                to_json(coalesce(f.override, f.field_name, __SCHEMA__.field_name_v1(j.key)))::text
                || ':' || CASE f.type_name
