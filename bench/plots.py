@@ -34,15 +34,7 @@ def latency(out: Path, title: str, sent: Sequence[float], latency_ms: Sequence[f
         ax.axhline(value, color="tab:red", linestyle=style, linewidth=1, label=f"{name} {value} ms")
     ax.set_xlabel("send time (s since the first INSERT)")
     ax.set_ylabel("latency (ms)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the data
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, out, title)
 
 
 def receipts(out: Path, title: str, series: Mapping[str, Sequence[float]],
@@ -61,10 +53,15 @@ def receipts(out: Path, title: str, series: Mapping[str, Sequence[float]],
         ax.step([i * bin_s for i in range(bins)], counts, where="post", label=label)
     ax.set_xlabel("time since the start (s): the burst's commit; the raw client's first request")
     ax.set_ylabel(f"receipts per {int(bin_s * 1000)} ms")
+    return _save(plt, fig, ax, out, title)
+
+
+def _save(plt: Any, fig: Any, ax: Any, out: Path, title: str) -> Path:
+    """The finish both plots share: title, grid, legend beside the data, written to `out`."""
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the data
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

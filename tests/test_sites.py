@@ -6,9 +6,11 @@ real receivers, the daemon as a real process (`qlm-bridge run`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,26 @@ def sites_config(db: Db, db2: Db, rx: Receiver, **extra: Any) -> dict[str, Any]:
     }
     data.update(extra)
     return data
+
+
+@contextlib.asynccontextmanager
+async def two_site_daemon(db: Db, db2: Db, tmp_path: Path
+                          ) -> AsyncIterator[tuple[Receiver, dict[str, Any], DaemonProcess]]:
+    """A receiver and `qlm-bridge run` serving sites eu (db) and us (db2), both started; the
+    daemon must exit 0 on SIGTERM and log no traceback."""
+    rx = await Receiver().start()
+    data = sites_config(db, db2, rx)
+    d = DaemonProcess(tmp_path, data, name="sites")
+    try:
+        d.start()
+        await d.wait_log("started", occurrences=2)
+        yield rx, data, d
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    finally:
+        d.kill()
+        await rx.stop()
+    assert "Traceback" not in d.log()
 
 
 def insert(db: Db, prefix: str, n: int) -> None:
@@ -79,12 +101,7 @@ def test_two_sites_each_with_its_urls_and_secret_and_sighup(db: Db, db2: Db,
 
 
 async def _two_sites(db: Db, db2: Db, tmp_path: Path) -> None:
-    rx = await Receiver().start()
-    data = sites_config(db, db2, rx)
-    d = DaemonProcess(tmp_path, data, name="sites")
-    try:
-        d.start()
-        await d.wait_log("started", occurrences=2)
+    async with two_site_daemon(db, db2, tmp_path) as (rx, data, d):
         insert(db, "EU", 3)
         insert(db2, "US", 4)
         await rx.wait_for(lambda: len(rx.on("/eu")) == 3 and len(rx.on("/us")) == 4)
@@ -117,12 +134,6 @@ async def _two_sites(db: Db, db2: Db, tmp_path: Path) -> None:
         insert(db, "EU3", 2)
         await rx.wait_for(lambda: len(rx.on("/eu2")) == 2)
         assert len(rx.on("/eu")) == 5
-        d.signal(signal.SIGTERM)
-        assert await d.wait() == 0
-    finally:
-        d.kill()
-        await rx.stop()
-    assert "Traceback" not in d.log()
 
 
 def test_one_site_cut_off_while_the_other_delivers(db: Db, db2: Db, tmp_path: Path) -> None:
@@ -130,35 +141,28 @@ def test_one_site_cut_off_while_the_other_delivers(db: Db, db2: Db, tmp_path: Pa
 
 
 async def _cut_off(db: Db, db2: Db, tmp_path: Path) -> None:
-    rx = await Receiver().start()
-    data = sites_config(db, db2, rx)
-    d = DaemonProcess(tmp_path, data, name="sites")
-    try:
-        d.start()
-        await d.wait_log("started", occurrences=2)
-        insert(db2, "US-A", 5)
-        await rx.wait_for(lambda: len(rx.on("/us")) == 5)
-        # cut the us site off: no new connections, and its connections terminated
-        db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS false")
-        db.server.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          f"WHERE datname = '{db2.name}' AND pid <> pg_backend_pid()")
-        await d.wait_log("site=us")
-        # the eu site keeps delivering meanwhile
-        for i in range(5):
-            insert(db, f"EU-{i}", 10)
-            def arrived(want: int = 10 * (i + 1)) -> bool:
-                return len(rx.on("/eu")) == want
+    async with two_site_daemon(db, db2, tmp_path) as (rx, _, d):
+        try:
+            insert(db2, "US-A", 5)
+            await rx.wait_for(lambda: len(rx.on("/us")) == 5)
+            # cut the us site off: no new connections, and its connections terminated
+            db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS false")
+            db.server.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              f"WHERE datname = '{db2.name}' AND pid <> pg_backend_pid()")
+            await d.wait_log("site=us")
+            # the eu site keeps delivering meanwhile
+            for i in range(5):
+                insert(db, f"EU-{i}", 10)
 
-            await rx.wait_for(arrived, timeout=10)
-        db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS true")
-        insert(db2, "US-B", 5)  # written once access is back
-        await rx.wait_for(lambda: len(rx.on("/us")) == 10, timeout=30)
-        d.signal(signal.SIGTERM)
-        assert await d.wait() == 0
-    finally:
-        db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS true")
-        d.kill()
-        await rx.stop()
+                def arrived(want: int = 10 * (i + 1)) -> bool:
+                    return len(rx.on("/eu")) == want
+
+                await rx.wait_for(arrived, timeout=10)
+            db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS true")
+            insert(db2, "US-B", 5)  # written once access is back
+            await rx.wait_for(lambda: len(rx.on("/us")) == 10, timeout=30)
+        finally:
+            db.server.execute(f"ALTER DATABASE {db2.name} ALLOW_CONNECTIONS true")
     assert sorted(keys(rx, "/us")) == sorted([f"US-A-{i}" for i in range(1, 6)]
                                              + [f"US-B-{i}" for i in range(1, 6)])
     assert len(set(keys(rx, "/eu"))) == 50

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+import os
+import socket
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -52,7 +54,6 @@ class Wiring:
     config: Config
     policies: Policies
     dispatcher: Dispatcher | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Site:
@@ -217,9 +218,6 @@ class Site:
         """First heartbeat, then refuse to run beside a live daemon that fans out differently
         (an event fanned out by one would never reach the URLs only the other has)."""
         assert self.store is not None
-        import os
-        import socket
-
         cfg = self.config
         mine = cfg.subscriptions_fingerprint()
         await self.store.heartbeat(socket.gethostname(), os.getpid(), mine,
@@ -270,14 +268,15 @@ class Site:
             log.error("reload failed, keeping the running config: webhooks.field_names: %s",
                       "; ".join(clashes))
             return False
+        old_policies = self.w.policies
         self.w.config, self.w.policies = new, Policies(new.webhooks)
         if new.webhooks != old.webhooks and self.w.dispatcher is not None:
             fresh = Dispatcher(new.webhooks)
             await fresh.start()
             stale, self.w.dispatcher = self.w.dispatcher, fresh
-            longest = max(p.timeout for p in (Policies(old.webhooks)(u) for _, u in
-                                                old.webhooks.subscriptions())) \
-                if old.webhooks.subscriptions() else old.webhooks.timeout
+            # close the old client once its longest request can have ended
+            longest = max((old_policies(u).timeout for _, u in old.webhooks.subscriptions()),
+                          default=old.webhooks.timeout)
             asyncio.get_running_loop().call_later(
                 longest + 1, lambda: asyncio.ensure_future(close_quietly(stale)))
         with contextlib.suppress(*DB_ERRORS):
