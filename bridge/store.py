@@ -5,14 +5,14 @@ The SQL is in `sql/queries.sql`; this module only binds parameters and shapes re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from bridge import sql
+from bridge import render, sql
 from bridge.payload import Event
 
 # Failures that mean "the database went away": retry after a back-off, never crash.
@@ -86,6 +86,7 @@ class Store:
         tail = q.pop("claimed_rows").rstrip().rstrip(";")
         self.q = {name: text.replace("__CLAIMED_ROWS__", tail) for name, text in q.items()}
         self.owner = owner
+        self.fields = render.Fields()  # read by load_fields (start, reload, new columns)
 
     async def produce(self, limit: int, subscriptions: Sequence[tuple[str, str]],
                       enabled: bool, room: dict[str, int], ordered: Sequence[str],
@@ -97,7 +98,7 @@ class Store:
             self.q["produce"], limit, [s[0] for s in subscriptions],
             [s[1] for s in subscriptions], enabled, list(room), list(room.values()),
             self.owner, lease, list(ordered), list(keys[0]), list(keys[1]))
-        claimed = [_claimed(r) for r in rows if r["id"] is not None]
+        claimed = await self._claimed([r for r in rows if r["id"] is not None])
         fanned = {r["event_type"]: int(r["attempts"]) for r in rows if r["id"] is None}
         return claimed, fanned
 
@@ -106,7 +107,23 @@ class Store:
         """Claim up to ``wanted[url]`` due deliveries of each URL, in one statement."""
         rows = await self.pool.fetch(self.q["claim"], list(wanted), list(wanted.values()),
                                      self.owner, lease, now)
-        return [_claimed(r) for r in rows]
+        return await self._claimed(rows)
+
+    async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(self.q[name], *args))
+
+    async def load_fields(self) -> None:
+        """Read the payload field map (at start, on reload, and when a captured row has a
+        column it does not know)."""
+        self.fields = await read_fields(self._fetch)
+
+    async def _claimed(self, rows: Sequence[asyncpg.Record]) -> list[Claimed]:
+        """Claimed rows with their payloads, rendered once per event."""
+        try:
+            return _render_claimed(self.fields, rows)
+        except render.UnknownColumn:
+            self.fields = await complete_fields(self._fetch, rows)
+            return _render_claimed(self.fields, rows)
 
     async def endpoints_init(self, urls: Sequence[str], bursts: Sequence[float]) -> None:
         await self.pool.execute(self.q["endpoints_init"], list(urls), list(bursts))
@@ -204,7 +221,49 @@ class Store:
         return clashes
 
 
-def _claimed(r: asyncpg.Record) -> Claimed:
-    event = Event(str(r["event_id"]), r["event_type"], r["created_at"], r["info"] or "{}",
-                  r["previous"])
-    return Claimed(r["id"], r["url"], r["attempts"], event)
+# runs one named query of queries.sql with its arguments (the daemon's pool, the console's
+# read-only transaction)
+Fetch = Callable[..., Awaitable[Sequence[Any]]]
+
+
+async def read_fields(fetch: Fetch) -> render.Fields:
+    """The payload field map of a bridge schema."""
+    by_kind: dict[str, dict[str, render.Field]] = {}
+    for r in await fetch("field_map"):
+        by_kind.setdefault(r["kind"], {})[r["column_name"]] = render.field_of(
+            r["field"], r["position"], r["type_name"])
+    return render.Fields(by_kind)
+
+
+async def complete_fields(fetch: Fetch, rows: Sequence[Any]) -> render.Fields:
+    """The field map read again, plus the naming rule's names for columns of `rows` (claimed
+    rows or events) that it still does not know."""
+    fields = await read_fields(fetch)
+    for kind in {r["kind"] for r in rows}:
+        of_kind = [r for r in rows if r["kind"] == kind]
+        cols = fields.missing(kind, [r["row_data"] for r in of_kind]
+                              + [r["old_data"] for r in of_kind]
+                              + [r["previous_v1"] for r in of_kind])
+        if cols:
+            named = await fetch("field_names", sorted(cols))
+            fields = fields.with_columns(kind, {r["col"]: r["field"] for r in named})
+    return fields
+
+
+def rendered(fields: render.Fields, r: Any) -> tuple[str, str | None]:
+    """(info, previous) of one event row (columns kind, row_data, old_data, previous_v1)."""
+    return (render.info(fields, r["kind"], r["row_data"]),
+            render.previous(fields, r["kind"], r["row_data"], r["old_data"], r["previous_v1"]))
+
+
+def _render_claimed(fields: render.Fields, rows: Sequence[asyncpg.Record]) -> list[Claimed]:
+    events: dict[int, Event] = {}
+    out = []
+    for r in rows:
+        event = events.get(r["event_id"])
+        if event is None:
+            info, prev = rendered(fields, r)
+            event = events[r["event_id"]] = Event(str(r["event_id"]), r["event_type"],
+                                                  r["created_at"], info, prev)
+        out.append(Claimed(r["id"], r["url"], r["attempts"], event))
+    return out

@@ -119,13 +119,12 @@ SELECT url, failures, open_until > now() AS open,
  ORDER BY url;
 
 -- name: event
--- One event rendered as the claim query (queries.sql: claimed_rows) renders it, by the same
--- functions (migrate_v3.sql: payload_info_v2 / payload_previous_v2). The console tests compare
--- this with the bytes a receiver got.
+-- One event as captured; bridge/console/data.py renders its payload as the daemon does
+-- (bridge/render.py). The console tests compare that with the bytes a receiver got.
 SELECT e.id, e.event_id, e.event_type, e.kind, e.source_table, e.op, e.created_at,
        e.fanned_out, __KEY_SHOW__ AS key, now() AS now,
-       __SCHEMA__.payload_info_v2(e.kind, e.row_data, e.row_data_v1) AS info,
-       __SCHEMA__.payload_previous_v2(e.kind, e.row_data, e.old_data, e.previous_v1) AS previous
+       coalesce(e.row_data, e.row_data_v1::json) AS row_data, e.old_data,
+       e.previous_v1::text AS previous_v1
   FROM __SCHEMA__.event e
  WHERE e.event_id = $1::uuid;
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from bridge import ops, sql
+from bridge import ops, sql, store
 from bridge.config import Config, redact_url
 from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
@@ -98,6 +98,8 @@ def queries(schema: str, keys: KeyColumns) -> dict[str, str]:
                                    order="DESC", **values)
     out["deliveries_newer"] = sql.render(blocks["deliveries"], key_match=_key_match(keys, "$4"),
                                          order="ASC", **values)
+    common = dict(sql.queries(schema))  # the payload field map, as the daemon reads it
+    out["field_map"], out["field_names"] = common["field_map"], common["field_names"]
     out["key_event_ids"] = sql.render(blocks["key_event_ids"], key_match=_key_match(keys, "$2"),
                                       **values)
     return out
@@ -369,7 +371,13 @@ async def event(source: ConsoleSource, event_id: uuid.UUID) -> EventPage | None:
     found = await _fetch(source, "event", event_id)
     if not found:
         return None
-    info = EventInfo(**dict(found[0]))
+    row = dict(found[0])
+    # rendered as the daemon renders what it sends (bridge/render.py, the same field map)
+    fields = await store.complete_fields(functools.partial(_fetch, source), [row])
+    rendered = store.rendered(fields, row)
+    for column in ("row_data", "old_data", "previous_v1"):
+        del row[column]
+    info = EventInfo(**row, info=rendered[0], previous=rendered[1])
     ds = tuple(EventDelivery(**{**dict(r), "url": redact_url(r["url"])})
                for r in await _fetch(source, "event_deliveries", info.id))
     attempts = tuple(Attempt(**{**dict(r), "url": redact_url(r["url"])})

@@ -4,6 +4,8 @@
   heartbeats is marked gone and its claimed deliveries are released at once (take-over in
   seconds, not after the lease);
 - URL refresh: the URLs that still have pending deliveries (also ones no longer configured);
+- field refresh: the payload field map (an install run meanwhile may have recorded new column
+  names or types; a column no one knew is looked up at once, when a claimed row has it);
 - prune: settled events and old log rows, in bounded batches (through the daemon's pool).
 """
 
@@ -44,6 +46,8 @@ class Maintenance:
         return [
             ("heartbeat", lambda: self.config().daemon.heartbeat_interval, self.heartbeat),
             ("url-refresh", lambda: URL_REFRESH, self.refresh_urls),
+            # an install run meanwhile may have recorded new column types or names
+            ("field-refresh", lambda: URL_REFRESH, self.store.load_fields),
             ("prune", lambda: self.config().retention.prune_interval, self.prune),
         ]
 

@@ -239,8 +239,10 @@ class Site:
         tables = {"license": config.capture.licenses.qualified(),
                   "customer": config.capture.customers.qualified()}
         try:
-            return await self.store.apply_config(
+            clashes = await self.store.apply_config(
                 config.capture_modified(), dict(config.webhooks.field_names), tables)
+            await self.store.load_fields()
+            return clashes
         except DB_ERRORS as exc:
             log.warning("could not apply capture settings (%s); will retry on reload",
                         describe(exc))
