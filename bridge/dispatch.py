@@ -110,6 +110,7 @@ class Dispatcher:
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",),
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sender keeps no cookies
         )
 
     async def close(self) -> None:

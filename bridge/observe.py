@@ -54,7 +54,9 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300),
             registry=r)
         self.in_flight = Gauge("qlm_bridge_in_flight", "Requests in flight", s, registry=r)
-        self.queue_depth = Gauge("qlm_bridge_queue_depth", "Pending deliveries", s, registry=r)
+        self.queue_depth = Gauge("qlm_bridge_queue_depth",
+                                 "Pending deliveries (an event not fanned out yet counts as one)",
+                                 s, registry=r)
         self.oldest_pending = Gauge("qlm_bridge_oldest_pending_seconds",
                                     "Age of the oldest pending delivery", s, registry=r)
         self.listener_connected = Gauge("qlm_bridge_listener_connected",

@@ -21,6 +21,7 @@ the same rules.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -53,14 +54,17 @@ class Field:
     """How one column appears in the payload."""
 
     json_name: str  # the payload field name, as JSON text
-    position: int | None  # the column's place in its table (None: unknown, goes last)
+    rank: int | None  # the column's place in its table (None: unknown, goes last)
     time: int = PLAIN  # PLAIN, TIME (timestamptz) or TIME_ARRAY (timestamptz[])
 
 
 def field_of(name: str, position: int | None, type_name: str | None) -> Field:
     time = {"timestamp with time zone": TIME,
             "timestamp with time zone[]": TIME_ARRAY}.get(type_name or "", PLAIN)
-    return Field(_string(name), position, time)
+    return Field(_string(name) + ":", position, time)
+
+
+_LAST = 1 << 40  # the rank of columns with no known place: after every known one, in row order
 
 
 @dataclass(frozen=True)
@@ -111,16 +115,25 @@ def previous(fields: Fields, kind: str, row: str | None, old: str | None,
 
 
 def _object(cols: Mapping[str, Field], items: Iterable[tuple[str, Any, int | None]]) -> str:
-    parts: list[tuple[tuple[int, int, int], str]] = []
+    ranks: list[int] = []
+    parts: list[str] = []
     for key, value, n in items:
         f = cols.get(key)
         if f is None:
             raise UnknownColumn(key)
-        text = encode(value) if f.time == PLAIN else _utc_value(value)
-        order = (f.position is None, f.position or 0, -1 if n is None else n)
-        parts.append((order, f.json_name + ":" + text))
-    parts.sort(key=lambda p: p[0])
-    return "{" + ",".join(p[1] for p in parts) + "}"
+        if f.time:
+            text = _utc_value(value)
+        elif type(value) is str:
+            text = _string(value)
+        elif value is None:
+            text = "null"
+        else:
+            text = encode(value)
+        ranks.append(f.rank if f.rank is not None else _LAST + (n or 0))
+        parts.append(f.json_name + text)
+    if any(a > b for a, b in itertools.pairwise(ranks)):  # rows come in table column order
+        parts = [p for _, p in sorted(zip(ranks, parts, strict=True), key=lambda rp: rp[0])]
+    return "{" + ",".join(parts) + "}"
 
 
 def encode(value: Any) -> str:
@@ -157,6 +170,9 @@ def utc(text: str) -> str:
     """A captured timestamptz in UTC, microseconds and 'Z'; any other text as it is."""
     if not _TS.fullmatch(text):
         return text
+    if text.endswith(("+00:00", "+00")):  # written in UTC already (a usual server TimeZone)
+        fraction = text[20:text.rindex("+")] if text[19] == "." else ""
+        return f"{text[:19]}.{fraction:0<6}Z"
     try:
         d = datetime.fromisoformat(text).astimezone(UTC)
     except (ValueError, OverflowError):  # out of Python's range (year 1 east of UTC)

@@ -299,10 +299,19 @@ SELECT c.col, __SCHEMA__.field_name_v1(c.col) AS field FROM unnest($1::text[]) A
 SELECT max(version) FROM __SCHEMA__.version;
 
 -- name: queue_stats
--- Pending deliveries and the age of the oldest one (seconds), for the metrics gauges.
-SELECT count(*) AS pending,
-       coalesce(extract(epoch FROM now() - min(d.created_at)), 0)::float8 AS oldest
-  FROM __SCHEMA__.delivery d WHERE d.state = 'pending';
+-- Pending deliveries and the age of the oldest one (seconds), for the metrics gauges. An event
+-- not fanned out yet counts as one pending delivery: a daemon fans out only as many events as
+-- it can start (producer.py), so a backlog waits there (event_pending_idx).
+WITH d AS (
+    SELECT count(*) AS n, min(d.created_at) AS oldest
+      FROM __SCHEMA__.delivery d WHERE d.state = 'pending'
+), e AS (
+    SELECT count(*) AS n, min(e.created_at) AS oldest
+      FROM __SCHEMA__.event e WHERE NOT e.fanned_out
+)
+SELECT d.n + e.n AS pending,
+       coalesce(extract(epoch FROM now() - least(d.oldest, e.oldest)), 0)::float8 AS oldest
+  FROM d, e;
 
 -- name: endpoints_init
 -- Make sure every endpoint with a rate limit or a breaker has its shared row ($1: URLs; $2:

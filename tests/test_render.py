@@ -54,7 +54,7 @@ def test_arrays_of_timestamptz_nested_and_with_nulls() -> None:
 
 def test_previous_holds_old_values_of_changed_columns_only() -> None:
     new = '{"license_id":7,"activation_key":"K","expiry_date":"2027-01-15T12:00:00+00","price":1.0}'
-    old = '{"license_id":7,"activation_key":"K","expiry_date":"2026-01-15T12:00:00+00","price":1.00}'
+    old = new.replace("2027", "2026").replace("1.0}", "1.00}")
     assert render.previous(FIELDS, "license", new, old) == \
         '{"ExpiryDate":"2026-01-15T12:00:00.000000Z","Price":1.00}'  # 1.0 -> 1.00 is a change
     assert render.previous(FIELDS, "license", new, new) is None

@@ -37,6 +37,17 @@ DRAIN_POLL = 0.005
 QUIET_PASSES = 4
 
 
+def fan_out_limit(batch_size: int, enabled: bool, urls: list[str], fast: list[str],
+                  room: dict[str, int]) -> int:
+    """How many events one pass fans out. When every subscribed URL is a plain one (no per-key
+    order, rate limit or breaker), only as many as some URL can start now: those deliveries
+    are inserted already claimed, so none costs a claim UPDATE, and the rest of a burst waits
+    as events (cheaper than as pending delivery rows). Otherwise a whole batch."""
+    if not enabled or not urls or len(fast) < len(urls):
+        return batch_size
+    return min(batch_size, max((room.get(u, 0) for u in urls), default=0))
+
+
 def jitter(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
@@ -108,17 +119,21 @@ class Producer:
         pol = self.policies()
         enabled = cfg.webhooks.enabled
         subs = cfg.webhooks.subscriptions()
-        fast = [u for u in dict.fromkeys(u for _, u in subs)
-                if not pol(u).per_key and not pol(u).shared_state]
+        urls = list(dict.fromkeys(u for _, u in subs))
+        fast = [u for u in urls if not pol(u).per_key and not pol(u).shared_state]
         room = self.slots.room(fast) if enabled else {}
+        limit = fan_out_limit(cfg.daemon.batch_size, enabled, urls, fast, room)
+        if limit == 0:  # nothing could start: events wait, unfanned, until a slot frees
+            self.fan_more = True
+            return 0, False
         self.last_fan = self.clock.monotonic()
         claimed, by_type = await self.store.produce(
-            cfg.daemon.batch_size, subs, enabled, room, pol.per_key_urls(),
+            limit, subs, enabled, room, pol.per_key_urls(),
             (cfg.capture.licenses.key, cfg.capture.customers.key), cfg.daemon.lease)
         events = sum(by_type.values())
         for event_type, count in by_type.items():
             self.metrics.fanned_out.labels(event_type).inc(count)
-        self.fan_more = events >= cfg.daemon.batch_size
+        self.fan_more = events >= limit
         self.quiet = 0 if events else self.quiet + 1
         self._backlog |= events >= min(DRAIN_THRESHOLD, cfg.daemon.batch_size)
         self._start(claimed, cfg)
