@@ -21,7 +21,7 @@ from bridge import config as config_mod
 from bridge.config import DEFAULT_SITE, Config, Sites
 from bridge.console import console_for
 from bridge.engine.executor import describe
-from bridge.engine.site import Site
+from bridge.engine.site import DB_ERRORS, Site
 from bridge.errors import BridgeError
 from bridge.listener import Listener, backoff
 from bridge.observe import Metrics, current_site, serve, setup_logging
@@ -108,14 +108,25 @@ class Daemon:
             log.error("site %s stopped: %s", task.get_name(), describe(exc))
 
     async def _run_site(self, site: Site) -> None:
-        """Run one site; with explicit sites, a site that cannot start (schema missing, bad
-        credentials, ...) is retried and reported while the others deliver."""
+        """Run one site. A database error while it starts (after the schema check, e.g. the
+        connection lost during registration) is retried, always. With explicit sites, a site
+        that cannot start (schema missing, bad credentials, ...) is retried and reported while
+        the others deliver."""
         current_site.set(site.name if self.sites_config.explicit else None)
         failures = 0
         while True:
             try:
                 await site.run()
                 return
+            except DB_ERRORS as exc:  # lost or refused while registering: it heals by waiting
+                if site.stopping:
+                    return
+                delay = backoff(failures, base=1.0, cap=self.config.daemon.reconnect_max_delay)
+                failures += 1
+                site.problem = f"database error while starting: {describe(exc)}"
+                log.warning("%s; retrying in %.1f s", site.problem, delay)
+                if await site.sleep_unless_stopping(max(delay, 0.5)):
+                    return
             except BridgeError as exc:
                 if not self.sites_config.explicit or site.stopping:
                     raise

@@ -166,8 +166,10 @@ class Store:
                 cols[i].append(v)
         await self.pool.execute(self.q["ack"], *cols, self.owner, resent)
 
-    async def release(self, ids: Sequence[int]) -> None:
-        await self.pool.execute(self.q["release"], list(ids), self.owner)
+    async def release(self, claims: Sequence[tuple[int, int]]) -> None:
+        """Give back claimed rows never attempted: (delivery id, attempt) pairs."""
+        await self.pool.execute(self.q["release"], [c[0] for c in claims],
+                                [c[1] for c in claims], self.owner)
 
     async def set_sleeping(self, sleeping: bool, expires_in: float = 0.0) -> None:
         await self.pool.execute(self.q["set_sleeping"], sleeping, expires_in)

@@ -171,10 +171,14 @@ SELECT r.id, r.event_id, r.event_type, r.url, r.attempt, r.started_at, r.duratio
                       AND a.daemon_id = $13);
 
 -- name: release
--- Give back claimed deliveries that were never attempted (graceful shutdown).
+-- Give back claimed deliveries that were never attempted (graceful shutdown, expired or paused
+-- queues): $1/$2 (id, attempt) pairs. Only a row this daemon still holds at that attempt: if
+-- its lease ran out and it was claimed again meanwhile (by another daemon, or by this one at
+-- the next attempt), that later claim is left alone.
 UPDATE __SCHEMA__.delivery d
    SET locked_by = NULL, locked_until = NULL, attempts = d.attempts - 1, updated_at = now()
- WHERE d.id = ANY ($1::bigint[]) AND d.locked_by = $2;
+  FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+ WHERE d.id = r.id AND d.attempts = r.attempt AND d.locked_by = $3;
 
 -- name: set_sleeping
 -- Idle ($1 true): writers NOTIFY until now() + $2 seconds; the idle daemon renews it every poll.

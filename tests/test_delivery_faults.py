@@ -207,3 +207,29 @@ async def _unreachable(tmp_path: Path) -> None:
 
 def test_unreachable_database_at_start_retries_until_sigterm(tmp_path: Path) -> None:
     asyncio.run(_unreachable(tmp_path))
+
+
+async def _refused_registration(db: Db, tmp_path: Path) -> None:
+    db.execute("CREATE FUNCTION qlm_bridge.refuse() RETURNS trigger LANGUAGE plpgsql AS "
+               "$$BEGIN RAISE EXCEPTION 'registration refused by the test'; END$$")
+    db.execute("CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON qlm_bridge.daemon "
+               "FOR EACH ROW EXECUTE FUNCTION qlm_bridge.refuse()")
+    rx = await Receiver().start()
+    proc = DaemonProcess(tmp_path, config_data(
+        db.dsn, webhooks={"events": {"customer_created": rx.url()}})).start()
+    try:
+        await proc.wait_log("registration refused by the test", occurrences=2)  # it retries
+        db.execute("DROP TRIGGER refuse ON qlm_bridge.daemon")
+        await proc.wait_ready(db.dsn)
+        db.execute("INSERT INTO customers (full_name) VALUES ('after the refusal')")
+        await rx.wait_for(lambda: len(rx.received) == 1)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        await rx.stop()
+    assert "database error while starting" in proc.log() and "Traceback" not in proc.log()
+
+
+def test_a_database_error_while_registering_is_retried(db: Db, tmp_path: Path) -> None:
+    asyncio.run(_refused_registration(db, tmp_path))

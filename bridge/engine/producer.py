@@ -226,15 +226,15 @@ class Producer:
     def give_back(self, claimed: list[Claimed]) -> None:
         """Release claimed rows that were never sent (their attempt does not count)."""
         self.slot_free.set()
-        task = asyncio.create_task(self._release([c.id for c in claimed]))
+        task = asyncio.create_task(self._release([(c.id, c.attempt) for c in claimed]))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _release(self, ids: list[int]) -> None:
+    async def _release(self, claims: list[tuple[int, int]]) -> None:
         try:
-            await self.store.release(ids)
+            await self.store.release(claims)
         except Exception as exc:  # their leases expire by themselves
-            log.warning("could not give back %d claimed delivery(ies): %s", len(ids), exc)
+            log.warning("could not give back %d claimed delivery(ies): %s", len(claims), exc)
 
     # --- results -----------------------------------------------------------------------------
 

@@ -104,6 +104,7 @@ class Site:
             with contextlib.suppress(*DB_ERRORS):
                 await store.daemon_gone()
             raise ConfigError("webhooks.field_names: " + "; ".join(clashes))
+        await self._init_endpoints()  # the last database step of the start: nothing to undo
         self.w.dispatcher = Dispatcher(cfg.webhooks)
         await self.w.dispatcher.start()
         slots = Slots(lambda url: self.w.policies(url).concurrency,
@@ -126,7 +127,6 @@ class Site:
             await maintenance.refresh_urls()
         if not producer.urls:
             producer.urls = list(dict.fromkeys(u for _, u in cfg.webhooks.subscriptions()))
-        await self._init_endpoints()
         background = [asyncio.create_task(self.completer.run(), name="completer"),
                       asyncio.create_task(maintenance.run(), name="maintenance")]
         log.info("daemon %s started (schema %s, %d subscription(s), webhooks %s)", self.id,
@@ -354,8 +354,8 @@ class Site:
         await self.completer.flush(SHUTDOWN_DB_TIMEOUT)
         # still held now and not recorded: give back (their lease would expire anyway)
         unrecorded = {(r.claimed.id, r.claimed.attempt) for r in self.completer.unrecorded()}
-        unfinished = [c.id for c in unsent]
-        unfinished += [key[0] for key in producer.slots.held if key not in unrecorded]
+        unfinished = [(c.id, c.attempt) for c in unsent]
+        unfinished += [key for key in producer.slots.held if key not in unrecorded]
         for task in background:
             task.cancel()
         try:
@@ -369,7 +369,7 @@ class Site:
             await close_quietly(self.w.dispatcher)
         log.info("daemon %s stopped", self.id)
 
-    async def _leave(self, unfinished: list[int]) -> None:
+    async def _leave(self, unfinished: list[tuple[int, int]]) -> None:
         assert self.store is not None
         if unfinished:
             await self.store.release(unfinished)
