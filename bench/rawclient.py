@@ -3,7 +3,8 @@ the same body N times to one URL with C requests in flight, no database, on the 
 loop (`bridge.daemon.run_loop`: uvloop where installed), so the two sides compare like for like.
 
 `python -m bench.rawclient URL N C BODY_FILE HEADERS_JSON_FILE` prints one JSON line:
-{"start": t0, "end": t1, "ok": n, "errors": n, "loop": "uvloop"} (time.time()).
+{"start": t0, "end": t1, "ok": n, "errors": n, "loop": "uvloop", "cpu": s} (time.time();
+cpu: this process's CPU seconds while sending).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ async def blast(url: str, n: int, concurrency: int, body: bytes,
                 errors += 1
 
     try:
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        end = time.time()
+        end, cpu = time.time(), time.process_time() - cpu
     finally:
         await dispatcher.close()
-    return {"start": start, "end": end, "ok": ok, "errors": errors, "loop": loop_name()}
+    return {"start": start, "end": end, "ok": ok, "errors": errors, "loop": loop_name(),
+            "cpu": cpu}
 
 
 def loop_name() -> str:

@@ -192,12 +192,15 @@ def _deliver_burst(ctx: Ctx, n: int, path: str, log_level: str = "warning",
         idle_rss = _rss_now(d.pid)
         with _pyspy(ctx, d.pid, profile) if profile else _nullctx(), \
                 _cpu(ctx, {"daemon": d.pid, "receiver": ctx.rx.proc.pid}) as cpu:
+            pg0 = env.postgres_cpu_seconds(ctx.postmaster)
             t0 = workload.burst(dsn, n, f"{path.strip('/').replace('/', '-')}-")
+            insert = env.postgres_cpu_seconds(ctx.postmaster) - pg0  # the writer's, not ours
             s = ctx.rx.wait_count(path, n, timeout=max(60, n / 100))
         rss = env.peak_rss_mb(d.pid)
     finally:
         ctx.procs.stop(d.proc)
         ctx.dbs.drop(dsn)
+    cpu["postgres_insert"] = insert
     return Drain(n, s["count"], t0, s["first"], s["last"], cpu, rss, idle_rss)
 
 
@@ -229,6 +232,7 @@ class Peer:
     start: float
     path: str
     loop: str
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def _sample_files(ctx: Ctx, like: str) -> tuple[Path, Path]:
@@ -258,10 +262,12 @@ def _peer_json(ctx: Ctx, args: list[str], timeout: float) -> dict[str, Any]:
 
 def _raw(ctx: Ctx, n: int, path: str, concurrency: int, like: str) -> Peer:
     body, headers = _sample_files(ctx, like)
-    result = _peer_json(ctx, ["bench.rawclient", ctx.rx.url(path), str(n), str(concurrency),
-                              str(body), str(headers)], timeout=max(60, n / 200))
+    with _cpu(ctx, {"receiver": ctx.rx.proc.pid}) as cpu:
+        result = _peer_json(ctx, ["bench.rawclient", ctx.rx.url(path), str(n), str(concurrency),
+                                  str(body), str(headers)], timeout=max(60, n / 200))
+    cpu["client"], cpu["requests"] = float(result["cpu"]), float(result["ok"])
     return Peer("raw", float(result["ok"] / (result["end"] - result["start"])),
-                float(result["start"]), path, str(result["loop"]))
+                float(result["start"]), path, str(result["loop"]), cpu)
 
 
 def _pgqueuer(ctx: Ctx, n: int, path: str, batch: int, concurrency: int, like: str) -> Peer:
@@ -362,9 +368,31 @@ def p2_throughput(ctx: Ctx) -> list[Figure]:
                       "body_bytes": body_len, "concurrency": conc or "daemon default",
                       "raw_in_flight": PEER_IN_FLIGHT, "raw_loop": raw.loop}),
         _pgqueuer_figure(drain, pgq, where, short),
+        _cpu_budget(drain, raw),
         Figure("P2.log_info", "P2 with observe.log_level=info (vs warning)", round(info.rate),
                "/s", round(drain.rate), "-", None, extra={"cpu_seconds": info.cpu}),
     ]
+
+
+def _cpu_budget(drain: Drain, raw: Peer) -> Figure:
+    """CPU per delivery on each side of P2 (the burst's own INSERT left out). When both runs are
+    bound by the machine's cores, bridge/raw can be at most raw's CPU per request divided by
+    the bridge's CPU per delivery: that ratio is the ceiling the 0.60x target has to fit under."""
+    n = max(1, drain.received)
+    us = {"daemon": drain.cpu["daemon"] / n * 1e6,
+          "postgres": (drain.cpu["postgres"] - drain.cpu["postgres_insert"]) / n * 1e6,
+          "receiver": drain.cpu["receiver"] / n * 1e6}
+    m = max(1.0, raw.cpu.get("requests", 0))
+    raw_us = {"client": raw.cpu.get("client", 0) / m * 1e6,
+              "receiver": raw.cpu.get("receiver", 0) / m * 1e6}
+    bridge, base = sum(us.values()), sum(raw_us.values())
+    notes = ("bridge " + " + ".join(f"{k} {v:.0f}" for k, v in us.items())
+             + f" = {bridge:.0f} us; raw " + " + ".join(f"{k} {v:.0f}" for k, v in raw_us.items())
+             + f" = {base:.0f} us; ceiling of bridge/raw where CPU-bound: {base / bridge:.2f}x")
+    return Figure("P2.cpu", "P2 CPU per delivery, all processes (us; baseline: raw client + "
+                  "receiver per request; ratio = how many raw requests one delivery costs)",
+                  round(bridge), "us", round(base), "-", None, notes=notes,
+                  extra={"bridge_us": us, "raw_us": raw_us})
 
 
 # --- P3 -------------------------------------------------------------------------------------------
