@@ -7,7 +7,7 @@ payload field names by the claim query), so numbers keep every digit and text is
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from bridge import __version__
@@ -26,6 +26,11 @@ class Event:
     created_at: datetime
     info: str  # JSON object text
     previous: str | None = None  # JSON object text: old values of changed fields
+    # created_at as the body's Timestamp and X-QLM-Timestamp write it (once per event)
+    timestamp: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timestamp", iso_utc(self.created_at))
 
 
 def iso_utc(ts: datetime) -> str:
@@ -36,7 +41,7 @@ def body(event: Event) -> bytes:
     head = (
         '{"EventType":' + json.dumps(event.event_type)
         + ',"EventId":' + json.dumps(event.event_id)
-        + ',"Timestamp":' + json.dumps(iso_utc(event.created_at))
+        + ',"Timestamp":"' + event.timestamp + '"'
         + ',"' + INFO_KEY[kind_of(event.event_type)] + '":' + (event.info or "{}")
     )
     if event.previous:
@@ -54,7 +59,7 @@ def headers(event: Event, body_bytes: bytes, signer: Signer,
         "User-Agent": USER_AGENT,
         "X-QLM-Event": event.event_type,
         "X-QLM-Event-Id": event.event_id,
-        "X-QLM-Timestamp": iso_utc(event.created_at),
+        "X-QLM-Timestamp": event.timestamp,
     }
     out.update(signer.headers(event.event_id, body_bytes, now))
     return out

@@ -34,7 +34,8 @@ class Executor:
         self._dispatcher = dispatcher
         self._policy = policy
         self.metrics = metrics
-        self._children: dict[tuple[str, ...], Any] = {}  # metric children by labels
+        self._children: dict[tuple[str, str, str], Any] = {}  # metric children, made lazily
+        self._end_to_end = metrics.end_to_end.labels()
 
     async def execute(self, c: Claimed) -> Result:
         """Send one attempt. A cancelled request (shutdown) still yields a Result (it may have
@@ -61,34 +62,48 @@ class Executor:
         return Result(c, state, retry_in, out.status, out.error, started, out.duration_ms,
                       out.response_body)
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (str(id(metric)), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def _child(self, name: str, event_type: str, url: str) -> Any:
+        """The child of metric `name` for this event type and URL (created on first use, so a
+        URL that never succeeded has no `delivered` series)."""
+        key = (name, event_type, url)
+        found = self._children.get(key)
+        if found is None:
+            m = self.metrics
+            found = self._children[key] = {
+                "success": lambda: m.attempts.labels(event_type, url, "success"),
+                "failure": lambda: m.attempts.labels(event_type, url, "failure"),
+                "latency": lambda: m.latency.labels(url),
+                "delivered": lambda: m.delivered.labels(event_type, url),
+                "retried": lambda: m.retried.labels(event_type, url),
+                "failed": lambda: m.failed.labels(event_type, url),
+            }[name]()
+        return found
 
     def _record(self, c: Claimed, out: Outcome, state: str, retry_in: float | None) -> None:
-        m, ev, url = self.metrics, c.event.event_type, c.url
-        self._child(m.attempts, ev, url, "success" if out.ok else "failure").inc()
-        self._child(m.latency, url).observe(out.duration_ms / 1000)
-        fields = {"event_id": c.event.event_id, "event_type": ev, "url": url,
-                  "attempt": c.attempt, "status": out.status if out.status is not None else "-",
-                  "duration_ms": round(out.duration_ms, 1)}
+        ev, url = c.event.event_type, c.url
+        self._child("success" if out.ok else "failure", ev, url).inc()
+        self._child("latency", ev, url).observe(out.duration_ms / 1000)
         if out.ok:
-            self._child(m.delivered, ev, url).inc()
-            m.end_to_end.observe(max(0.0, (datetime.now(UTC) - c.event.created_at)
-                                     .total_seconds()))
+            self._child("delivered", ev, url).inc()
+            self._end_to_end.observe(max(0.0, (datetime.now(UTC) - c.event.created_at)
+                                         .total_seconds()))
             if log.isEnabledFor(logging.INFO):
-                log.info("delivered", extra={"fields": fields})
+                log.info("delivered", extra={"fields": _fields(c, out)})
         elif state == "pending":
-            self._child(m.retried, ev, url).inc()
+            self._child("retried", ev, url).inc()
             log.warning("attempt failed: %s; retry in %.1f s", out.error, retry_in or 0,
-                        extra={"fields": fields})
+                        extra={"fields": _fields(c, out)})
         else:
-            self._child(m.failed, ev, url).inc()
+            self._child("failed", ev, url).inc()
             log.error("delivery failed for good after %d attempt(s): %s", c.attempt, out.error,
-                      extra={"fields": fields})
+                      extra={"fields": _fields(c, out)})
+
+
+def _fields(c: Claimed, out: Outcome) -> dict[str, Any]:
+    """The structured fields of an attempt's log line."""
+    return {"event_id": c.event.event_id, "event_type": c.event.event_type, "url": c.url,
+            "attempt": c.attempt, "status": out.status if out.status is not None else "-",
+            "duration_ms": round(out.duration_ms, 1)}
 
 
 def _since(started: datetime) -> float:
