@@ -40,8 +40,11 @@ FATAL_AT_START: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # bad user or password
     asyncpg.exceptions.InvalidCatalogNameError,  # no such database
 )
-# Seconds a pool connection may sit unused before it is closed.
-IDLE_CONNECTION_LIFETIME = 5.0
+# Seconds a pool connection may sit unused before it is closed. Short: an idle site's periodic
+# statements (heartbeat, probe, poll) now and then overlap and open a second connection, which
+# must not stay (P8: 5 s kept 3 connections per idle site; with 2 s, 2). A busy pool uses every
+# connection far more often than this, so it does not reconnect.
+IDLE_CONNECTION_LIFETIME = 2.0
 # Bound on the database calls made while shutting down (the database may be gone).
 SHUTDOWN_DB_TIMEOUT = 5.0
 
