@@ -25,7 +25,10 @@ WITH ev AS (
     -- No need to wait for the WAL flush at commit: if the server crashes before it, the
     -- events are fanned out again (a request already sent is at most a duplicate, and any
     -- acknowledgement that depends on these rows is itself durable, which flushes them too).
-    UPDATE __SCHEMA__.event e SET fanned_out = true FROM ev WHERE e.id = ev.id
+    -- By primary key, as an array: joined to `ev`, the planner sized the join by LIMIT $1
+    -- and scanned the whole event table on every pass (latency grew with the table).
+    UPDATE __SCHEMA__.event e SET fanned_out = true
+     WHERE e.id = ANY (ARRAY(SELECT ev.id FROM ev))
     RETURNING e.id, set_config('synchronous_commit', 'off', true)
 ), fan AS (
     SELECT ev.id AS event_id, s.url, ev.kind, ev.row_data,
@@ -96,8 +99,11 @@ WITH want AS (
                 NOT EXISTS (SELECT 1 FROM __SCHEMA__.delivery p
                              WHERE p.url = d.url AND p.key = d.key AND p.state = 'pending'
                                AND p.event_id < d.event_id)
-                AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.event u
-                                 WHERE NOT u.fanned_out AND u.id < d.event_id)))
+                -- the oldest event not fanned out yet, looked up once per statement in
+                -- event_pending_idx (as NOT EXISTS per row, the planner scanned the table)
+                AND d.event_id < coalesce((SELECT u.id FROM __SCHEMA__.event u
+                                            WHERE NOT u.fanned_out ORDER BY u.id LIMIT 1),
+                                          d.event_id + 1)))
          ORDER BY d.next_attempt_at, d.id
          LIMIT want.n
            FOR UPDATE SKIP LOCKED
@@ -154,7 +160,10 @@ WITH r AS (
            last_error = r.error,
            updated_at = now()
       FROM r
-     WHERE d.id = r.id AND d.attempts = r.attempt AND d.locked_by = $13
+     -- `d.id = ANY ($1)` lets the planner find the rows by primary key: joined to r alone,
+     -- it may hash the whole delivery table for a large batch
+     WHERE d.id = r.id AND d.id = ANY ($1::bigint[]) AND d.attempts = r.attempt
+       AND d.locked_by = $13
     RETURNING d.id
 )
 INSERT INTO __SCHEMA__.attempt_log
@@ -178,7 +187,8 @@ SELECT r.id, r.event_id, r.event_type, r.url, r.attempt, r.started_at, r.duratio
 UPDATE __SCHEMA__.delivery d
    SET locked_by = NULL, locked_until = NULL, attempts = d.attempts - 1, updated_at = now()
   FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
- WHERE d.id = r.id AND d.attempts = r.attempt AND d.locked_by = $3;
+ WHERE d.id = r.id AND d.id = ANY ($1::bigint[]) AND d.attempts = r.attempt
+   AND d.locked_by = $3;
 
 -- name: set_sleeping
 -- Idle ($1 true): writers NOTIFY until now() + $2 seconds; the idle daemon renews it every poll.
