@@ -1,7 +1,8 @@
 -- The web console's statements (bridge/console/), one named block each.
 -- __SCHEMA__ is the quoted bridge schema; $n parameters are asyncpg's.
--- __KEY_MATCH__ / __KEY_SHOW__ are rendered from capture.*.key (bridge/console/data.py) with the
--- key columns as literals, so they match the expression indexes of `key_index` below.
+-- __KEY_MATCH__ / __KEY_SHOW__ are rendered from capture.*.key (bridge/console/data.py): event.key,
+-- or for events captured before schema version 4 the same form from their JSON row, with the key
+-- columns as literals so that it matches the index of `key_legacy_index` below.
 -- The list and event queries run with plan_cache_mode = force_custom_plan: the optional filters
 -- ($n IS NULL OR ...) fold away for each call and the planner picks the index of the filter
 -- actually given. docs/console.md shows their plans on 1,000,000 deliveries.
@@ -14,11 +15,53 @@ CREATE INDEX IF NOT EXISTS delivery_open_idx ON __SCHEMA__.delivery (state, id)
     WHERE state <> 'delivered';
 
 -- name: key_index
--- Run by every install, once per capture key column: events by key (ActivationKey,
--- CustomerID), for the console's `key` filter. Not partial, so ANALYZE keeps statistics on the
--- expression and the planner knows a key is rare. __NAME__ carries a hash of the column name, so
--- a changed capture.*.key gets its own index. Rows captured since schema version 3 have the row
--- in row_data (json), earlier ones in row_data_v1 (jsonb).
+-- Run by every install (schema version 4 on): events by key (event.key, 'license:<key>'), for
+-- the console's `key` filter and replay by key. A plain column: the writer's index entry costs
+-- no JSON parsing (the expression indexes of earlier versions parsed row_data on every insert,
+-- and again on the daemon's fanned_out update).
+CREATE INDEX IF NOT EXISTS event_key_idx ON __SCHEMA__.event (key);
+
+-- name: drop_key_indexes
+-- Run by every install before key_legacy_index: the expression indexes and statistics on event
+-- other than the current key_legacy_index's (__NAME__, a literal): those of capture.*.key as it
+-- was, and the per-column indexes of schema versions 1-3 (which migrate_v4.sql drops too).
+DO $qlm_bridge$
+DECLARE
+    i regclass;
+    s oid;
+BEGIN
+    FOR i IN SELECT x.indexrelid::regclass
+               FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class c ON c.oid = x.indexrelid
+              WHERE x.indrelid = pg_catalog.to_regclass(__EVENTTABLE__) AND x.indexprs IS NOT NULL
+                AND c.relname <> __NAME__
+    LOOP
+        EXECUTE pg_catalog.format('DROP INDEX %s', i);
+    END LOOP;
+    FOR s IN SELECT x.oid FROM pg_catalog.pg_statistic_ext x
+              WHERE x.stxrelid = pg_catalog.to_regclass(__EVENTTABLE__) AND x.stxname <> __NAME__
+    LOOP
+        EXECUTE (SELECT pg_catalog.format('DROP STATISTICS %I.%I', n.nspname, x.stxname)
+                   FROM pg_catalog.pg_statistic_ext x
+                   JOIN pg_catalog.pg_namespace n ON n.oid = x.stxnamespace
+                  WHERE x.oid = s);
+    END LOOP;
+END
+$qlm_bridge$;
+
+-- name: key_legacy_index
+-- Run by every install that has key columns: the key of events captured before schema version 4
+-- (event.key NULL), computed from their JSON row as bridge/keys.py:legacy_key writes it. Partial:
+-- a new event has its key, so its insert costs a NULL test here and no JSON parsing; on a fresh
+-- install the index stays empty. __NAME__ carries a hash of the key columns. The planner ignores
+-- the statistics of a partial index's expression, so ANALYZE keeps them in a statistics object
+-- of the same name (built by ANALYZE only: it costs writers nothing); without them it expects
+-- 1 % of the events to match a key and prefers walking the deliveries.
+CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event ((__LEGACY__)) WHERE key IS NULL;
+CREATE STATISTICS IF NOT EXISTS __SCHEMA__.__NAME__ ON (__LEGACY__) FROM __SCHEMA__.event;
+
+-- name: key_index_v3
+-- The key index of schema version 3, one per key column (install builds that version for the
+-- upgrade tests only); migrate_v4.sql drops it.
 CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event
     ((coalesce(row_data ->> __COLUMN__, row_data_v1 ->> __COLUMN__)));
 
@@ -52,7 +95,7 @@ SELECT d.id, e.event_id, e.event_type, __KEY_SHOW__ AS key, d.url, d.state, d.at
 
 -- name: key_event_ids
 -- The events of one key ($2: ActivationKey or CustomerID), newest first, at most $1: replay by
--- key (key_index).
+-- key (key_index, key_legacy_index).
 SELECT e.event_id
   FROM __SCHEMA__.event e
  WHERE __KEY_MATCH__

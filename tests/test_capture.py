@@ -484,10 +484,10 @@ def test_data_types_are_captured_as_valid_json(db: Db) -> None:
             "'2024-06-01 12:00:00+00', '1 year 2 mons 3 days 04:05:06', NULL)",
             (weird,),
         )
-    text = dict(db.query("SELECT key, value FROM qlm_bridge.event, "
-                         "json_each_text(row_data)"))
-    kinds = dict(db.query("SELECT key, json_typeof(value) FROM qlm_bridge.event, "
-                          "json_each(row_data)"))
+    text = dict(db.query("SELECT j.key, j.value FROM qlm_bridge.event, "
+                         "json_each_text(row_data) j"))
+    kinds = dict(db.query("SELECT j.key, json_typeof(j.value) FROM qlm_bridge.event, "
+                          "json_each(row_data) j"))
     assert text["n40"] == "1234567890123456789012345678901234567890.5"
     assert kinds["n40"] == "number"
     # JSON has no NaN/Infinity: they become the strings PostgreSQL prints
