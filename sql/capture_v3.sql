@@ -18,11 +18,12 @@
 --
 -- The writer pays for as little as possible: one row_to_json per row (two for an UPDATE that
 -- becomes an event), into json columns (no jsonb is built: that was most of the cost), one
--- INSERT and one read of the runtime row. The event type is decided here from OLD/NEW directly;
--- `previous`, the payload field names and UTC times are left to the daemon (migrate_v3.sql:
--- payload_info_v2, payload_previous_v2). A no-op UPDATE emits nothing: `NEW *= OLD` compares
--- the two rows' stored images (works for every column type, json included), before any JSON
--- is built.
+-- INSERT, whose RETURNING reads the runtime row's NOTIFY flag (a second statement for it cost
+-- the writer about 3 us more: each statement a trigger runs starts an executor). The event
+-- type is decided here from OLD/NEW directly; `previous`, the payload field names and UTC times
+-- are left to the daemon (migrate_v3.sql: payload_info_v2, payload_previous_v2). A no-op UPDATE
+-- emits nothing: `NEW *= OLD` compares the two rows' stored images (works for every column
+-- type, json included), before any JSON is built.
 --
 -- NOTIFY only while a daemon said it sleeps and its promise has not expired
 -- (runtime.sleeping AND now() < runtime.sleeping_until; NULL: no NOTIFY).
@@ -35,15 +36,20 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.__FUNC__() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
 DECLARE
     ev text;
+    wake boolean;  -- writers NOTIFY (read in the INSERT: one statement, not two)
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
         VALUES ('license_created', 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
-                __KEY_NEW__, row_to_json(NEW));
+                __KEY_NEW__, row_to_json(NEW))
+        RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
+                     FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
         VALUES ('license_deleted', 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
-                __KEY_OLD__, row_to_json(OLD));
+                __KEY_OLD__, row_to_json(OLD))
+        RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
+                     FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     ELSE
         IF __ACTIVATED__ THEN
             ev := 'license_activated';
@@ -58,10 +64,11 @@ BEGIN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data,
                                       old_data)
         VALUES (ev, 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
-                __KEY_NEW__, row_to_json(NEW), row_to_json(OLD));
+                __KEY_NEW__, row_to_json(NEW), row_to_json(OLD))
+        RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
+                     FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     END IF;
-    IF (SELECT r.sleeping AND r.sleeping_until > now()
-          FROM __SCHEMA__.runtime r WHERE r.id = 1) THEN
+    IF wake THEN
         PERFORM pg_notify(__CHANNEL__, '');
     END IF;
     RETURN NULL;
@@ -71,25 +78,32 @@ $qlm_bridge$;
 -- name: customer_function
 CREATE OR REPLACE FUNCTION __SCHEMA__.__FUNC__() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $qlm_bridge$
+DECLARE
+    wake boolean;  -- writers NOTIFY (read in the INSERT: one statement, not two)
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
         VALUES ('customer_created', 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
-                __KEY_NEW__, row_to_json(NEW));
+                __KEY_NEW__, row_to_json(NEW))
+        RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
+                     FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
         VALUES ('customer_deleted', 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
-                __KEY_OLD__, row_to_json(OLD));
+                __KEY_OLD__, row_to_json(OLD))
+        RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
+                     FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     ELSIF NEW *= OLD THEN
         RETURN NULL;  -- a no-op UPDATE emits nothing
     ELSE
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data,
                                       old_data)
         VALUES ('customer_modified', 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
-                __KEY_NEW__, row_to_json(NEW), row_to_json(OLD));
+                __KEY_NEW__, row_to_json(NEW), row_to_json(OLD))
+        RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
+                     FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     END IF;
-    IF (SELECT r.sleeping AND r.sleeping_until > now()
-          FROM __SCHEMA__.runtime r WHERE r.id = 1) THEN
+    IF wake THEN
         PERFORM pg_notify(__CHANNEL__, '');
     END IF;
     RETURN NULL;
