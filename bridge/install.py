@@ -146,11 +146,11 @@ def _console_indexes(config: Config, version: int) -> list[str]:
         key_cols = key_columns(config)
         name = keys.legacy_index_name(key_cols)
         out.append(sql.render(blocks["key_index"], schema=schema))
-        out.append(sql.render(blocks["drop_key_indexes"], name=sql.quote_literal(name),
-                              eventtable=sql.quote_literal(f"{schema}.event")))
-        if any(cols for _, cols in key_cols):
-            out.append(sql.render(blocks["key_legacy_index"], schema=schema,
-                                  name=sql.quote_ident(name), legacy=keys.legacy_key(key_cols)))
+        out.append(sql.render(blocks["key_legacy_index"], schema=schema,
+                              name=sql.quote_ident(name), nameliteral=sql.quote_literal(name),
+                              eventtable=sql.quote_literal(f"{schema}.event"),
+                              kinds=_array(kind for kind, cols in key_cols if cols),
+                              legacy=keys.legacy_key(key_cols)))
         return out
     # schema version 3 (upgrade tests build it): one expression index per key column
     columns = dict.fromkeys((*config.capture.licenses.key, *config.capture.customers.key))

@@ -2,7 +2,9 @@
 -- __SCHEMA__ is the quoted bridge schema; $n parameters are asyncpg's.
 -- __KEY_MATCH__ / __KEY_SHOW__ are rendered from capture.*.key (bridge/console/data.py): event.key,
 -- or for events captured before schema version 4 the same form from their JSON row, with the key
--- columns as literals so that it matches the index of `key_legacy_index` below.
+-- columns as literals so that it matches the index of `key_legacy_index` below (while it exists;
+-- without it the arm for those events reads event_key_idx's NULL entries, of which there are
+-- none then, or only events of a kind without key columns).
 -- The list and event queries run with plan_cache_mode = force_custom_plan: the optional filters
 -- ($n IS NULL OR ...) fold away for each call and the planner picks the index of the filter
 -- actually given. docs/console.md shows their plans on 1,000,000 deliveries.
@@ -21,43 +23,51 @@ CREATE INDEX IF NOT EXISTS delivery_open_idx ON __SCHEMA__.delivery (state, id)
 -- and again on the daemon's fanned_out update).
 CREATE INDEX IF NOT EXISTS event_key_idx ON __SCHEMA__.event (key);
 
--- name: drop_key_indexes
--- Run by every install before key_legacy_index: the expression indexes and statistics on event
--- other than the current key_legacy_index's (__NAME__, a literal): those of capture.*.key as it
--- was, and the per-column indexes of schema versions 1-3 (which migrate_v4.sql drops too).
+-- name: key_legacy_index
+-- Run by every install: the key of events captured before schema version 4 (event.key NULL),
+-- computed from their JSON row as bridge/keys.py:legacy_key writes it (over the key columns as
+-- literals; the index name carries a hash of them), for the console's `key` filter.
+--   * Only while such events exist (of a kind that has key columns): a fresh install has none,
+--     and on an upgraded one they only grow fewer (prune), so once they are gone the next
+--     install drops the index. Partial, so an event written meanwhile costs a NULL test, no
+--     JSON parsing; still every statement that writes an event prepares the predicate, which
+--     is why the index is not kept for nothing.
+--   * The planner ignores the statistics of a partial index's expression (it would expect 1 %
+--     of the events to match a key, and walk the deliveries instead), so a statistics object of
+--     the same name keeps them; ANALYZE builds it, writers do not pay for it.
+--   * Other expression indexes and statistics on event are dropped: those of capture.*.key as
+--     it was, and the per-column indexes of schema versions 1-3 (migrate_v4.sql drops those
+--     too).
 DO $qlm_bridge$
 DECLARE
+    keep boolean := EXISTS (SELECT 1 FROM __SCHEMA__.event e
+                             WHERE e.key IS NULL AND e.kind = ANY (__KINDS__::text[]));
     i regclass;
-    s oid;
+    s text;
 BEGIN
     FOR i IN SELECT x.indexrelid::regclass
                FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class c ON c.oid = x.indexrelid
               WHERE x.indrelid = pg_catalog.to_regclass(__EVENTTABLE__) AND x.indexprs IS NOT NULL
-                AND c.relname <> __NAME__
+                AND (NOT keep OR c.relname <> __NAMELITERAL__)
     LOOP
         EXECUTE pg_catalog.format('DROP INDEX %s', i);
     END LOOP;
-    FOR s IN SELECT x.oid FROM pg_catalog.pg_statistic_ext x
-              WHERE x.stxrelid = pg_catalog.to_regclass(__EVENTTABLE__) AND x.stxname <> __NAME__
+    FOR s IN SELECT pg_catalog.format('%I.%I', n.nspname, x.stxname)
+               FROM pg_catalog.pg_statistic_ext x
+               JOIN pg_catalog.pg_namespace n ON n.oid = x.stxnamespace
+              WHERE x.stxrelid = pg_catalog.to_regclass(__EVENTTABLE__)
+                AND (NOT keep OR x.stxname <> __NAMELITERAL__)
     LOOP
-        EXECUTE (SELECT pg_catalog.format('DROP STATISTICS %I.%I', n.nspname, x.stxname)
-                   FROM pg_catalog.pg_statistic_ext x
-                   JOIN pg_catalog.pg_namespace n ON n.oid = x.stxnamespace
-                  WHERE x.oid = s);
+        EXECUTE 'DROP STATISTICS ' || s;
     END LOOP;
+    IF keep THEN
+        CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event ((__LEGACY__))
+            WHERE key IS NULL;
+        CREATE STATISTICS IF NOT EXISTS __SCHEMA__.__NAME__ ON (__LEGACY__)
+            FROM __SCHEMA__.event;
+    END IF;
 END
 $qlm_bridge$;
-
--- name: key_legacy_index
--- Run by every install that has key columns: the key of events captured before schema version 4
--- (event.key NULL), computed from their JSON row as bridge/keys.py:legacy_key writes it. Partial:
--- a new event has its key, so its insert costs a NULL test here and no JSON parsing; on a fresh
--- install the index stays empty. __NAME__ carries a hash of the key columns. The planner ignores
--- the statistics of a partial index's expression, so ANALYZE keeps them in a statistics object
--- of the same name (built by ANALYZE only: it costs writers nothing); without them it expects
--- 1 % of the events to match a key and prefers walking the deliveries.
-CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event ((__LEGACY__)) WHERE key IS NULL;
-CREATE STATISTICS IF NOT EXISTS __SCHEMA__.__NAME__ ON (__LEGACY__) FROM __SCHEMA__.event;
 
 -- name: key_index_v3
 -- The key index of schema version 3, one per key column (install builds that version for the

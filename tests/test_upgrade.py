@@ -209,6 +209,14 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     info = _bodies(rx)[("license_created", "FAILED")]["LicenseInfo"]
     assert (info["ProductID"], info["ExpiryDate"]) == (7, "2026-01-15T12:00:00.000000Z")
 
+    # once the earlier events are gone (pruned), the next install drops their key index
+    db.execute("DELETE FROM qlm_bridge.event WHERE key IS NULL")
+    install.install(cfg)
+    assert db.query("SELECT indexname FROM pg_indexes WHERE schemaname = 'qlm_bridge' "
+                    "AND tablename = 'event' AND indexname LIKE 'event_key%'") == [
+        ("event_key_idx",)]
+    assert db.scalar("SELECT count(*) FROM pg_statistic_ext") == 0
+
 
 @pytest.mark.parametrize("from_version", [1, 2, 3])
 def test_an_earlier_database_upgrades_with_work_in_flight(empty_db: Db, tmp_path: Path,
