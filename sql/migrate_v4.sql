@@ -14,6 +14,7 @@
 --     again on the daemon's `fanned_out` update, which is not HOT. Install creates a plain
 --     index on event.key instead, and one over the JSON form for rows without key only
 --     (console.sql: key_index), which new events skip after a NULL test.
+--   * event_created_idx is dropped: prune walks the primary key instead.
 
 -- The per-column key indexes of versions 1-3 (console.sql: key_index of those versions): every
 -- index on event with an expression. They are replaced by the indexes of key_index.
@@ -34,5 +35,9 @@ ALTER TABLE __SCHEMA__.event ADD COLUMN key text;
 COMMENT ON COLUMN __SCHEMA__.event.key IS
     'the license or customer the event is about (bridge/keys.py); NULL for events captured '
     'before schema version 4 (readers compute it from the JSON row) or without key columns';
+
+-- Only prune read this index (events by capture time); it walks the primary key now
+-- (ops.sql: prune_bound, prune_events), and each captured change costs one index entry less.
+DROP INDEX __SCHEMA__.event_created_idx;
 
 INSERT INTO __SCHEMA__.version (version) VALUES (4);
