@@ -30,8 +30,10 @@ BEGIN
 END
 $qlm_bridge$;
 
--- No default: adding the column rewrites nothing, and earlier events read NULL.
-ALTER TABLE __SCHEMA__.event ADD COLUMN key text;
+-- No default: adding the column rewrites nothing, and earlier events read NULL. Collation "C":
+-- the key is only ever compared for equality, and the index entry each captured change adds
+-- then compares bytes instead of calling the locale's strcoll.
+ALTER TABLE __SCHEMA__.event ADD COLUMN key text COLLATE "C";
 COMMENT ON COLUMN __SCHEMA__.event.key IS
     'the license or customer the event is about (bridge/keys.py); NULL for events captured '
     'before schema version 4 (readers compute it from the JSON row) or without key columns';
