@@ -114,9 +114,10 @@ def _capture(config: Config, version: int) -> list[str]:
         ("customer", config.capture.customers, "capture_customer_v1"),
     ):
         values = {"schema": schema, "func": sql.quote_ident(func), "channel": channel}
-        if version >= 4:  # event.key
+        if version >= 4:  # event.key, and source_table as a literal
             values |= {"key_new": keys.trigger_key(kind, table.key, "NEW"),
-                       "key_old": keys.trigger_key(kind, table.key, "OLD")}
+                       "key_old": keys.trigger_key(kind, table.key, "OLD"),
+                       "source": sql.quote_literal(f"{table.table_schema}.{table.table}")}
         if kind == "license":
             values |= {"activated": _condition(lic.activation), "released": _condition(lic.release)}
         out.append(sql.render(functions[f"{kind}_function"], **values))

@@ -7,6 +7,9 @@
 --   __KEY_NEW__ / __KEY_OLD__     the event's key (event.key) from NEW / OLD, built by
 --                                 install.key_expression from capture.*.key; NULL when the
 --                                 table has no key columns
+--   __SOURCE__       the captured table as event.source_table has it (schema.table, unquoted),
+--                    a literal: the function is attached to that one table (capture.sql:
+--                    drop_triggers), and TG_TABLE_SCHEMA costs a catalog lookup per row
 -- The trigger itself and its privileges are in capture.sql.
 --
 -- As capture_v2.sql (schema version 3), plus event.key: the key of the license or customer
@@ -40,13 +43,13 @@ DECLARE
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
-        VALUES ('license_created', 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
+        VALUES ('license_created', 'license', __SOURCE__, TG_OP,
                 __KEY_NEW__, row_to_json(NEW))
         RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
                      FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
-        VALUES ('license_deleted', 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
+        VALUES ('license_deleted', 'license', __SOURCE__, TG_OP,
                 __KEY_OLD__, row_to_json(OLD))
         RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
                      FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
@@ -63,7 +66,7 @@ BEGIN
         END IF;
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data,
                                       old_data)
-        VALUES (ev, 'license', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
+        VALUES (ev, 'license', __SOURCE__, TG_OP,
                 __KEY_NEW__, row_to_json(NEW), row_to_json(OLD))
         RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
                      FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
@@ -83,13 +86,13 @@ DECLARE
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
-        VALUES ('customer_created', 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
+        VALUES ('customer_created', 'customer', __SOURCE__, TG_OP,
                 __KEY_NEW__, row_to_json(NEW))
         RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
                      FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data)
-        VALUES ('customer_deleted', 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
+        VALUES ('customer_deleted', 'customer', __SOURCE__, TG_OP,
                 __KEY_OLD__, row_to_json(OLD))
         RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
                      FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
@@ -98,7 +101,7 @@ BEGIN
     ELSE
         INSERT INTO __SCHEMA__.event (event_type, kind, source_table, op, key, row_data,
                                       old_data)
-        VALUES ('customer_modified', 'customer', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP,
+        VALUES ('customer_modified', 'customer', __SOURCE__, TG_OP,
                 __KEY_NEW__, row_to_json(NEW), row_to_json(OLD))
         RETURNING (SELECT r.sleeping AND r.sleeping_until > now()
                      FROM __SCHEMA__.runtime r WHERE r.id = 1) INTO wake;
