@@ -133,18 +133,13 @@ def _capture(config: Config, version: int) -> list[str]:
     return out
 
 
-def key_columns(config: Config) -> keys.KeyColumns:
-    capture = config.capture
-    return (("license", capture.licenses.key), ("customer", capture.customers.key))
-
-
 def _console_indexes(config: Config, version: int) -> list[str]:
     """The web console's indexes (sql/console.sql), created when missing by every install."""
     blocks = sql.blocks("console.sql")
     schema = sql.quote_ident(config.database.schema_name)
     out = [sql.render(blocks["open_index"], schema=schema)]
     if version >= 4:
-        key_cols = key_columns(config)
+        key_cols = keys.key_columns(config)
         name = keys.legacy_index_name(key_cols)
         out.append(sql.render(blocks["key_index"], schema=schema))
         out.append(sql.render(blocks["key_legacy_index"], schema=schema,

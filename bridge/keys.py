@@ -17,8 +17,15 @@ from __future__ import annotations
 import hashlib
 
 from bridge import sql
+from bridge.config import Config
 
 KeyColumns = tuple[tuple[str, tuple[str, ...]], ...]  # (kind, key columns) per captured table
+
+
+def key_columns(config: Config) -> KeyColumns:
+    """capture.licenses.key and capture.customers.key, by kind."""
+    capture = config.capture
+    return (("license", capture.licenses.key), ("customer", capture.customers.key))
 
 
 def trigger_key(kind: str, columns: tuple[str, ...], record: str) -> str:

@@ -23,7 +23,7 @@ from bridge import ops, sql
 from bridge.config import Config, redact_url
 from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
-from bridge.keys import KeyColumns, legacy_key
+from bridge.keys import KeyColumns, key_columns, legacy_key
 
 PAGE_SIZE = 50
 COUNT_CAP = 100_000  # rows the overview counts at most, per query
@@ -46,8 +46,7 @@ class ConsoleSource:
 
     @property
     def key_columns(self) -> KeyColumns:
-        capture = self.config.capture
-        return (("license", capture.licenses.key), ("customer", capture.customers.key))
+        return key_columns(self.config)
 
 
 class SiteUnavailable(BridgeError):
