@@ -14,17 +14,18 @@ from dataclasses import dataclass
 
 import psycopg
 
-from bridge import sql
+from bridge import keys, sql
 from bridge.config import ActivationRule, Config
 from bridge.connect import psycopg_connect
 from bridge.errors import ConfigError, InstallError
 from bridge.events import QLM_FIELD_NAMES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version -> file that brings a database from version-1 to version.
-MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_engine.sql", 3: "migrate_v3.sql"}
+MIGRATIONS: dict[int, str] = {1: "schema_v1.sql", 2: "migrate_engine.sql", 3: "migrate_v3.sql",
+                              4: "migrate_v4.sql"}
 # version -> the capture functions written for it (a version not listed keeps the last one)
-CAPTURE: dict[int, str] = {1: "capture_v1.sql", 3: "capture_v2.sql"}
+CAPTURE: dict[int, str] = {1: "capture_v1.sql", 3: "capture_v2.sql", 4: "capture_v3.sql"}
 LOCK_KEY = 0x514C4D42  # 'QLMB': serialises concurrent installs
 
 
@@ -113,6 +114,10 @@ def _capture(config: Config, version: int) -> list[str]:
         ("customer", config.capture.customers, "capture_customer_v1"),
     ):
         values = {"schema": schema, "func": sql.quote_ident(func), "channel": channel}
+        if version >= 4:  # event.key, and source_table as a literal
+            values |= {"key_new": keys.trigger_key(kind, table.key, "NEW"),
+                       "key_old": keys.trigger_key(kind, table.key, "OLD"),
+                       "source": sql.quote_literal(f"{table.table_schema}.{table.table}")}
         if kind == "license":
             values |= {"activated": _condition(lic.activation), "released": _condition(lic.release)}
         out.append(sql.render(functions[f"{kind}_function"], **values))
@@ -128,22 +133,33 @@ def _capture(config: Config, version: int) -> list[str]:
     return out
 
 
-def key_index_name(column: str) -> str:
-    """The name of the console's index on one capture key column (a hash keeps it short)."""
-    return f"event_key_{hashlib.sha256(column.encode()).hexdigest()[:10]}_idx"
-
-
-def _console_indexes(config: Config) -> list[str]:
+def _console_indexes(config: Config, version: int) -> list[str]:
     """The web console's indexes (sql/console.sql), created when missing by every install."""
     blocks = sql.blocks("console.sql")
     schema = sql.quote_ident(config.database.schema_name)
     out = [sql.render(blocks["open_index"], schema=schema)]
+    if version >= 4:
+        key_cols = keys.key_columns(config)
+        name = keys.legacy_index_name(key_cols)
+        out.append(sql.render(blocks["key_index"], schema=schema))
+        out.append(sql.render(blocks["key_legacy_index"], schema=schema,
+                              name=sql.quote_ident(name), nameliteral=sql.quote_literal(name),
+                              eventtable=sql.quote_literal(f"{schema}.event"),
+                              kinds=_array(kind for kind, cols in key_cols if cols),
+                              legacy=keys.legacy_key(key_cols)))
+        return out
+    # schema version 3 (upgrade tests build it): one expression index per key column
     columns = dict.fromkeys((*config.capture.licenses.key, *config.capture.customers.key))
     for column in columns:
-        out.append(sql.render(blocks["key_index"], schema=schema,
-                              name=sql.quote_ident(key_index_name(column)),
+        out.append(sql.render(blocks["key_index_v3"], schema=schema,
+                              name=sql.quote_ident(key_index_name_v3(column)),
                               column=sql.quote_literal(column)))
     return out
+
+
+def key_index_name_v3(column: str) -> str:
+    """The name of schema version 3's console index on one key column (a hash keeps it short)."""
+    return f"event_key_{hashlib.sha256(column.encode()).hexdigest()[:10]}_idx"
 
 
 def _funcref(config: Config, func: str) -> str:
@@ -199,7 +215,7 @@ def render_install(config: Config, from_version: int | None, sample_schema: bool
                                 eventtable=sql.quote_literal(f"{schema}.event")))
     parts += _capture(config, target)
     if target >= 3:  # the console's indexes read the event row as schema version 3 has it
-        parts += _console_indexes(config)
+        parts += _console_indexes(config, target)
     parts += _field_names(config, target)
     return Plan(from_version, target, "\n".join(parts))
 

@@ -380,15 +380,16 @@ async def prune(run: Run, config: Config, now: datetime | None = None, *,
     logs_age = logs_older_than if logs_older_than is not None else retention.log_days * 86400
     events = logs = 0
     params: dict[str, Any] = {"now": now, "older_than": events_age, "batch": batch,
-                              "after_at": datetime.min.replace(tzinfo=UTC), "after_id": 0}
+                              "after_id": 0}
+    params["bound"] = (await run("prune_bound", params))[0][0]
     while True:
-        got = [tuple(r) for r in await run("prune_events", params)]
+        got = [r[0] for r in await run("prune_events", params)]
         events += len(got)
         if progress and got:
             progress(PruneProgress(events, logs))
         if len(got) < batch:
             break
-        params["after_at"], params["after_id"] = max(got)
+        params["after_id"] = max(got)
     log_params = {"now": now, "older_than": logs_age, "batch": batch}
     while True:
         deleted = len(await run("prune_logs", log_params))

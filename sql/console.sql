@@ -1,7 +1,10 @@
 -- The web console's statements (bridge/console/), one named block each.
 -- __SCHEMA__ is the quoted bridge schema; $n parameters are asyncpg's.
--- __KEY_MATCH__ / __KEY_SHOW__ are rendered from capture.*.key (bridge/console/data.py) with the
--- key columns as literals, so they match the expression indexes of `key_index` below.
+-- __KEY_MATCH__ / __KEY_SHOW__ are rendered from capture.*.key (bridge/console/data.py): event.key,
+-- or for events captured before schema version 4 the same form from their JSON row, with the key
+-- columns as literals so that it matches the index of `key_legacy_index` below (while it exists;
+-- without it the arm for those events reads event_key_idx's NULL entries, of which there are
+-- none then, or only events of a kind without key columns).
 -- The list and event queries run with plan_cache_mode = force_custom_plan: the optional filters
 -- ($n IS NULL OR ...) fold away for each call and the planner picks the index of the filter
 -- actually given. docs/console.md shows their plans on 1,000,000 deliveries.
@@ -14,11 +17,61 @@ CREATE INDEX IF NOT EXISTS delivery_open_idx ON __SCHEMA__.delivery (state, id)
     WHERE state <> 'delivered';
 
 -- name: key_index
--- Run by every install, once per capture key column: events by key (ActivationKey,
--- CustomerID), for the console's `key` filter. Not partial, so ANALYZE keeps statistics on the
--- expression and the planner knows a key is rare. __NAME__ carries a hash of the column name, so
--- a changed capture.*.key gets its own index. Rows captured since schema version 3 have the row
--- in row_data (json), earlier ones in row_data_v1 (jsonb).
+-- Run by every install (schema version 4 on): events by key (event.key, 'license:<key>'), for
+-- the console's `key` filter and replay by key. A plain column: the writer's index entry costs
+-- no JSON parsing (the expression indexes of earlier versions parsed row_data on every insert,
+-- and again on the daemon's fanned_out update).
+CREATE INDEX IF NOT EXISTS event_key_idx ON __SCHEMA__.event (key);
+
+-- name: key_legacy_index
+-- Run by every install: the key of events captured before schema version 4 (event.key NULL),
+-- computed from their JSON row as bridge/keys.py:legacy_key writes it (over the key columns as
+-- literals; the index name carries a hash of them), for the console's `key` filter.
+--   * Only while such events exist (of a kind that has key columns): a fresh install has none,
+--     and on an upgraded one they only grow fewer (prune), so once they are gone the next
+--     install drops the index. Partial, so an event written meanwhile costs a NULL test, no
+--     JSON parsing; still every statement that writes an event prepares the predicate, which
+--     is why the index is not kept for nothing.
+--   * The planner ignores the statistics of a partial index's expression (it would expect 1 %
+--     of the events to match a key, and walk the deliveries instead), so a statistics object of
+--     the same name keeps them; ANALYZE builds it, writers do not pay for it.
+--   * Other expression indexes and statistics on event are dropped: those of capture.*.key as
+--     it was, and the per-column indexes of schema versions 1-3 (migrate_v4.sql drops those
+--     too).
+DO $qlm_bridge$
+DECLARE
+    keep boolean := EXISTS (SELECT 1 FROM __SCHEMA__.event e
+                             WHERE e.key IS NULL AND e.kind = ANY (__KINDS__::text[]));
+    i regclass;
+    s text;
+BEGIN
+    FOR i IN SELECT x.indexrelid::regclass
+               FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class c ON c.oid = x.indexrelid
+              WHERE x.indrelid = pg_catalog.to_regclass(__EVENTTABLE__) AND x.indexprs IS NOT NULL
+                AND (NOT keep OR c.relname <> __NAMELITERAL__)
+    LOOP
+        EXECUTE pg_catalog.format('DROP INDEX %s', i);
+    END LOOP;
+    FOR s IN SELECT pg_catalog.format('%I.%I', n.nspname, x.stxname)
+               FROM pg_catalog.pg_statistic_ext x
+               JOIN pg_catalog.pg_namespace n ON n.oid = x.stxnamespace
+              WHERE x.stxrelid = pg_catalog.to_regclass(__EVENTTABLE__)
+                AND (NOT keep OR x.stxname <> __NAMELITERAL__)
+    LOOP
+        EXECUTE 'DROP STATISTICS ' || s;
+    END LOOP;
+    IF keep THEN
+        CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event ((__LEGACY__))
+            WHERE key IS NULL;
+        CREATE STATISTICS IF NOT EXISTS __SCHEMA__.__NAME__ ON (__LEGACY__)
+            FROM __SCHEMA__.event;
+    END IF;
+END
+$qlm_bridge$;
+
+-- name: key_index_v3
+-- The key index of schema version 3, one per key column (install builds that version for the
+-- upgrade tests only); migrate_v4.sql drops it.
 CREATE INDEX IF NOT EXISTS __NAME__ ON __SCHEMA__.event
     ((coalesce(row_data ->> __COLUMN__, row_data_v1 ->> __COLUMN__)));
 
@@ -52,7 +105,7 @@ SELECT d.id, e.event_id, e.event_type, __KEY_SHOW__ AS key, d.url, d.state, d.at
 
 -- name: key_event_ids
 -- The events of one key ($2: ActivationKey or CustomerID), newest first, at most $1: replay by
--- key (key_index).
+-- key (key_index, key_legacy_index).
 SELECT e.event_id
   FROM __SCHEMA__.event e
  WHERE __KEY_MATCH__

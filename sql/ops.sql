@@ -101,28 +101,44 @@ SELECT event_id FROM __SCHEMA__.event WHERE event_id = ANY (%(event_ids)s::uuid[
 -- name: wake_daemons
 SELECT pg_notify(%(channel)s, '');
 
+-- name: prune_bound
+-- Where a prune run stops: the first event (by id) captured at or after the cutoff (schema
+-- version 4 dropped the index on event.created_at, which every captured change paid for; ids
+-- follow capture order). An event of a transaction that began before the cutoff but wrote it
+-- after that one is pruned by a later run.
+SELECT coalesce(
+    (SELECT e.id FROM __SCHEMA__.event e
+      WHERE e.created_at >= coalesce(%(now)s::timestamptz, now())
+                            - make_interval(secs => %(older_than)s::float8)
+      ORDER BY e.id
+      LIMIT 1),
+    (SELECT max(e.id) + 1 FROM __SCHEMA__.event e),
+    0) AS bound;
+
 -- name: prune_events
 -- Delete up to %(batch)s events older than %(older_than)s seconds whose deliveries are all
--- delivered or skipped (or that have none), oldest first, after the keyset (%(after_at)s,
--- %(after_id)s). Their deliveries go with them (ON DELETE CASCADE). Events not fanned out yet
--- are never touched; rows another session has locked are skipped, so writers never wait.
+-- delivered or skipped (or that have none), oldest first, with ids after %(after_id)s and
+-- before %(bound)s (prune_bound). Their deliveries go with them (ON DELETE CASCADE). Events
+-- not fanned out yet are never touched; rows another session has locked are skipped, so
+-- writers never wait. Walks the primary key.
 WITH doomed AS (
     SELECT e.id
       FROM __SCHEMA__.event e
-     WHERE e.created_at < coalesce(%(now)s::timestamptz, now())
+     WHERE e.id > %(after_id)s::bigint
+       AND e.id < %(bound)s::bigint
+       AND e.created_at < coalesce(%(now)s::timestamptz, now())
                           - make_interval(secs => %(older_than)s::float8)
-       AND (e.created_at, e.id) > (%(after_at)s::timestamptz, %(after_id)s::bigint)
        AND e.fanned_out
        AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.delivery d
                         WHERE d.event_id = e.id AND d.state IN ('pending', 'failed'))
-     ORDER BY e.created_at, e.id
+     ORDER BY e.id
      LIMIT %(batch)s
        FOR UPDATE OF e SKIP LOCKED
 )
 DELETE FROM __SCHEMA__.event e
  USING doomed
  WHERE e.id = doomed.id
-RETURNING e.created_at, e.id;
+RETURNING e.id;
 
 -- name: prune_logs
 -- Delete up to %(batch)s attempt_log rows older than %(older_than)s seconds, oldest first.

@@ -10,12 +10,14 @@
 --   $5/$6: (url, n) how many new deliveries of each URL this daemon has room to start now: the
 --          first n of that URL in event order are inserted already claimed by owner $7 with a
 --          lease of $8 seconds and attempt 1; the rest are inserted pending for any claimer;
---   $9: URLs delivered in order per key: their rows carry the event's key ($10/$11: the key
---       columns of license and customer rows) and are never claimed here (claim checks order).
+--   $9: URLs delivered in order per key: their rows carry the event's key (event.key; for
+--       events captured before schema version 4, $10/$11: the key columns of license and
+--       customer rows) and are never claimed here (claim checks order).
 -- Returns the claimed rows (as `claim` does) and, in rows whose id is NULL, how many events of
 -- each type were fanned out (for the metrics and to know whether more are waiting).
 WITH ev AS (
-    SELECT e.id, e.event_type, e.kind, coalesce(e.row_data, e.row_data_v1::json) AS row_data
+    SELECT e.id, e.event_type, e.kind, coalesce(e.row_data, e.row_data_v1::json) AS row_data,
+           e.key
       FROM __SCHEMA__.event e
      WHERE NOT e.fanned_out
      ORDER BY e.id
@@ -31,7 +33,7 @@ WITH ev AS (
      WHERE e.id = ANY (ARRAY(SELECT ev.id FROM ev))
     RETURNING e.id, set_config('synchronous_commit', 'off', true)
 ), fan AS (
-    SELECT ev.id AS event_id, s.url, ev.kind, ev.row_data,
+    SELECT ev.id AS event_id, s.url, ev.kind, ev.row_data, ev.key,
            s.url = ANY ($9::text[]) AS ordered,
            row_number() OVER (PARTITION BY s.url ORDER BY ev.id) AS rn
       FROM ev JOIN unnest($2::text[], $3::text[]) AS s(event_type, url)
@@ -39,10 +41,12 @@ WITH ev AS (
 ), rows AS (
     SELECT fan.event_id, fan.url,
            $4::boolean AND NOT fan.ordered AND fan.rn <= coalesce(room.n, 0) AS mine,
-           CASE WHEN fan.ordered THEN fan.kind || ':' || (
+           -- event.key (schema version 4, bridge/keys.py); events captured before have none
+           -- and get the same form from their JSON row
+           CASE WHEN fan.ordered THEN coalesce(fan.key, fan.kind || ':' || (
                SELECT string_agg(coalesce(fan.row_data ->> k.col, ''), '|' ORDER BY k.n)
                  FROM unnest(CASE fan.kind WHEN 'license' THEN $10::text[] ELSE $11::text[] END)
-                      WITH ORDINALITY AS k(col, n))
+                      WITH ORDINALITY AS k(col, n)))
            END AS key
       FROM fan LEFT JOIN unnest($5::text[], $6::int[]) AS room(url, n) ON room.url = fan.url
 ), ins AS (

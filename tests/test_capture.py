@@ -484,10 +484,10 @@ def test_data_types_are_captured_as_valid_json(db: Db) -> None:
             "'2024-06-01 12:00:00+00', '1 year 2 mons 3 days 04:05:06', NULL)",
             (weird,),
         )
-    text = dict(db.query("SELECT key, value FROM qlm_bridge.event, "
-                         "json_each_text(row_data)"))
-    kinds = dict(db.query("SELECT key, json_typeof(value) FROM qlm_bridge.event, "
-                          "json_each(row_data)"))
+    text = dict(db.query("SELECT j.key, j.value FROM qlm_bridge.event, "
+                         "json_each_text(row_data) j"))
+    kinds = dict(db.query("SELECT j.key, json_typeof(j.value) FROM qlm_bridge.event, "
+                          "json_each(row_data) j"))
     assert text["n40"] == "1234567890123456789012345678901234567890.5"
     assert kinds["n40"] == "number"
     # JSON has no NaN/Infinity: they become the strings PostgreSQL prints
@@ -517,6 +517,39 @@ def test_data_types_are_captured_as_valid_json(db: Db) -> None:
     assert '"j":{"a": [1, 2.50]}' in raw  # a json column as it was written
     assert json.loads(raw, parse_float=Decimal)["n40"] == Decimal(
         "1234567890123456789012345678901234567890.5")
+
+
+def test_the_key_is_the_json_form_of_the_key_columns(db: Db) -> None:
+    """event.key (schema version 4) is written from the record's fields, in the form `produce`
+    computed from the JSON row before (each value as `row_data ->> column`, joined by '|'),
+    whatever the columns' types and the writer's time zone, for every operation."""
+    from bridge import install
+
+    db.execute("ALTER TABLE license_keys ADD COLUMN tags text[], ADD COLUMN pad char(6), "
+               "ADD COLUMN jb jsonb, ADD COLUMN n numeric")
+    key = ("activation_key", "expiry_date", "tags", "pad", "jb", "n", "computer_id")
+    install.install(db.config(capture={"licenses": {"key": list(key)}}))
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'Asia/Kolkata'")
+        conn.execute("SET DateStyle = 'German'")  # ::text would differ; JSON's form does not
+        conn.execute("INSERT INTO license_keys (activation_key, expiry_date, tags, pad, jb, n) "
+                     "VALUES ('K|1', '2026-01-15 12:00:00+00', ARRAY['a', NULL], 'ab', "
+                     "'{\"x\": [1, \"y\"]}', 1.50)")
+        conn.execute("UPDATE license_keys SET computer_id = 'PC', activation_count = 1")
+        conn.execute("DELETE FROM license_keys")
+    cols = db.query("SELECT key, (SELECT kind || ':' || string_agg(coalesce(row_data ->> c, ''),"
+                    " '|' ORDER BY n) FROM unnest(%s::text[]) WITH ORDINALITY AS k(c, n)) "
+                    "FROM qlm_bridge.event ORDER BY id", (list(key),))
+    assert [k for k, _ in cols] == [
+        'license:K|1|2026-01-15T17:30:00+05:30|["a",null]|ab    |{"x": [1, "y"]}|1.50|',
+        'license:K|1|2026-01-15T17:30:00+05:30|["a",null]|ab    |{"x": [1, "y"]}|1.50|PC',
+        'license:K|1|2026-01-15T17:30:00+05:30|["a",null]|ab    |{"x": [1, "y"]}|1.50|PC']
+    assert all(k == computed for k, computed in cols)
+    # a table without key columns has no key, as produce had none for it
+    install.install(db.config(capture={"customers": {"key": []}}))
+    db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
+    assert db.scalar("SELECT count(*) FROM qlm_bridge.event WHERE kind = 'customer' "
+                     "AND key IS NULL") == 1
 
 
 def test_array_and_null_changes_are_in_previous(db: Db) -> None:

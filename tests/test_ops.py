@@ -328,6 +328,23 @@ def test_prune_older_than_overrides_retention(db: Db) -> None:
     assert ops.prune_once(db.dsn, cfg, now=NOW, older_than=DAY, logs_older_than=DAY) == (1, 1)
 
 
+def test_prune_walks_events_in_capture_order(db: Db) -> None:
+    """Prune walks the primary key up to the first event captured after the cutoff (there is
+    no index on created_at): an old event written after it (its transaction began before the
+    cutoff and wrote late) waits for a later run; the events before it go now."""
+    cfg = db.config(retention={"batch_size": 2})
+    old = [add_event(db, age=9 * DAY)[0] for _ in range(3)]
+    recent, _ = add_event(db, age=DAY)
+    late, _ = add_event(db, age=8 * DAY)
+    assert ops.prune_once(db.dsn, cfg, now=NOW) == (3, 0)
+    assert {r[0] for r in db.query("SELECT id FROM qlm_bridge.event")} == {recent, late}
+    assert not set(old) & {r[0] for r in db.query("SELECT id FROM qlm_bridge.event")}
+    # once the recent one is old too (or gone), the late one goes
+    assert ops.prune_once(db.dsn, cfg, now=NOW + timedelta(days=7)) == (2, 0)
+    assert db.scalar("SELECT count(*) FROM qlm_bridge.event") == 0
+    assert db.query("SELECT indexname FROM pg_indexes WHERE indexname = 'event_created_idx'") == []
+
+
 def test_prune_skips_locked_rows_instead_of_waiting(db: Db) -> None:
     cfg = db.config(retention={"batch_size": 10})
     busy, _ = add_event(db, age=30 * DAY)

@@ -1,7 +1,8 @@
-"""Upgrade in place: a database installed by the released version (bridge schema 1, also 2) with
-work in every state is upgraded by `qlm-bridge install`; a daemon then delivers every pending
-and retrying delivery exactly once, failed ones stay failed (and replay), the log carries over,
-and version-1 events render exactly as the same change captured after the upgrade."""
+"""Upgrade in place: a database installed by the released version (bridge schema 1, also 2 and 3)
+with work in every state is upgraded by `qlm-bridge install`; a daemon then delivers every
+pending and retrying delivery exactly once, failed ones stay failed (and replay), the log carries
+over, and events captured before render exactly as the same change captured after the upgrade;
+their keys (per-key ordering, the console's key filter) are those of the same change too."""
 
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ import psycopg
 import pytest
 
 from bridge import install, ops, sql
+from bridge.console import data
+from bridge.console.data import ConsoleSource
 from tests.support.daemon import running, wait_until
 from tests.support.receiver import Receiver
 from tests.support.server import Db
 from tests.test_install import cli, write_config
 
+# the ActivationKey of an event of any layout
+KEY_SQL = "coalesce(e.row_data->>'activation_key', e.row_data_v1->>'activation_key')"
 KEYS = ("PENDING", "RETRYING", "FAILED", "DELIVERED", "INFLIGHT", "UNFANNED")
 # What a version-1 daemon left behind, per license key (its license_created delivery).
 STATES = """
@@ -96,12 +101,14 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     rx = await Receiver().start()
     url = rx.url("/hook")
     events = {"license_created": [url], "license_activated": [url]}
-    cfg = db.config(webhooks={"events": events})
+    # per-key ordering: events fanned out after the upgrade carry their key, also earlier ones
+    cfg = db.config(webhooks={"events": events, "ordering": "per_key"})
 
     # an earlier schema (1: the released one), with work in every state
     install.install(cfg, sample_schema=True, target=from_version)
     assert db.scalar("SELECT max(version) FROM qlm_bridge.version") == from_version
-    assert db.query("SELECT sleeping, sleeping_until FROM qlm_bridge.runtime") == [(True, None)]
+    assert db.query("SELECT sleeping, sleeping_until FROM qlm_bridge.runtime") == [
+        (from_version < 3, None)]
     _write(db, KEYS, activate="PENDING")
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         conn.execute(STATES.replace("__URL__", sql.quote_literal(url)).encode())
@@ -121,12 +128,21 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     # nothing in flight was touched, and writers no longer NOTIFY with nobody listening
     assert _table(db, "delivery") == deliveries and _table(db, "attempt_log") == log
     assert db.query("SELECT sleeping FROM qlm_bridge.runtime") == [(False,)]
-    assert db.scalar("SELECT count(*) FROM qlm_bridge.event WHERE row_data_v1 IS NOT NULL "
-                     "AND row_data IS NULL") == 7
-    # the console's key indexes read both row layouts (an earlier one was replaced)
-    keyed = db.query("SELECT indexdef FROM pg_indexes WHERE schemaname = 'qlm_bridge' "
-                     "AND tablename = 'event' AND indexdef LIKE '%->>%'")
-    assert len(keyed) == 2 and all("row_data_v1" in d and "COALESCE" in d for (d,) in keyed)
+    old_layout = "row_data_v1 IS NOT NULL AND row_data IS NULL" if from_version < 3 else \
+        "row_data_v1 IS NULL AND row_data IS NOT NULL"
+    assert db.scalar(f"SELECT count(*) FROM qlm_bridge.event WHERE {old_layout} "
+                     "AND key IS NULL") == 7
+    # the console's key index over the JSON rows (both layouts) covers only the events without
+    # event.key; the per-column ones of earlier versions are gone
+    keyed = db.query("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'qlm_bridge' "
+                     "AND tablename = 'event' AND (indexdef LIKE '%->>%' OR indexname LIKE "
+                     "'event_key%')")
+    assert len(keyed) == 2, keyed
+    plain = dict(keyed).pop("event_key_idx")
+    assert plain.endswith("USING btree (key)")
+    legacy = next(d for n, d in keyed if n != "event_key_idx")
+    assert "row_data_v1" in legacy and "COALESCE" in legacy and legacy.endswith(
+        "WHERE (key IS NULL)")
 
     # the same changes captured by the upgraded triggers
     _write(db, ("AFTER",), activate="AFTER")
@@ -150,19 +166,32 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     assert bodies[("license_activated", "PENDING")]["Previous"] == {
         "ActivationCount": 0, "ComputerID": None, "ActivationDate": None}
 
-    states = dict(db.query("SELECT e.row_data_v1->>'activation_key', d.state FROM "
+    # the keys: written by the trigger after the upgrade, from the JSON row before
+    assert db.query("SELECT DISTINCT e.key, d.key FROM qlm_bridge.delivery d "
+                    "JOIN qlm_bridge.event e ON e.id = d.event_id "
+                    "WHERE d.key IS NOT NULL ORDER BY 1") == [
+        ("license:AFTER", "license:AFTER"), (None, "license:UNFANNED")]
+    source = ConsoleSource("default", None, cfg)
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        for key in ("PENDING", "AFTER"):
+            q = data.queries("qlm_bridge", source.key_columns)["key_event_ids"]
+            found = conn.execute(q.replace("$1", "100").replace("$2", sql.quote_literal(key))
+                                 .encode()).fetchall()
+            assert len(found) == 2, key  # created and activated
+
+    states = dict(db.query(f"SELECT {KEY_SQL}, d.state FROM "
                            "qlm_bridge.delivery d JOIN qlm_bridge.event e ON e.id = d.event_id "
                            "WHERE e.event_type = 'license_created' "
-                           "AND e.row_data_v1 IS NOT NULL"))
+                           "AND e.key IS NULL"))
     assert states == {"PENDING": "delivered", "RETRYING": "delivered", "FAILED": "failed",
                       "DELIVERED": "delivered", "INFLIGHT": "delivered",
                       "UNFANNED": "delivered"}
     # the log carries over, and the attempts go on from where they were
     assert _table(db, "attempt_log")[:len(log)] == log
-    attempts = dict(db.query("SELECT e.row_data_v1->>'activation_key', max(l.attempt) "
+    attempts = dict(db.query(f"SELECT {KEY_SQL}, max(l.attempt) "
                              "FROM qlm_bridge.attempt_log l JOIN qlm_bridge.event e "
                              "ON e.event_id = l.event_id WHERE e.event_type = 'license_created' "
-                             "AND e.row_data_v1 IS NOT NULL GROUP BY 1"))
+                             "AND e.key IS NULL GROUP BY 1"))
     assert attempts == {"PENDING": 1, "RETRYING": 2, "FAILED": 3, "DELIVERED": 1,
                         "INFLIGHT": 2, "UNFANNED": 1}
 
@@ -180,8 +209,16 @@ async def _upgrade(db: Db, tmp_path: Path, from_version: int) -> None:
     info = _bodies(rx)[("license_created", "FAILED")]["LicenseInfo"]
     assert (info["ProductID"], info["ExpiryDate"]) == (7, "2026-01-15T12:00:00.000000Z")
 
+    # once the earlier events are gone (pruned), the next install drops their key index
+    db.execute("DELETE FROM qlm_bridge.event WHERE key IS NULL")
+    install.install(cfg)
+    assert db.query("SELECT indexname FROM pg_indexes WHERE schemaname = 'qlm_bridge' "
+                    "AND tablename = 'event' AND indexname LIKE 'event_key%'") == [
+        ("event_key_idx",)]
+    assert db.scalar("SELECT count(*) FROM pg_statistic_ext") == 0
 
-@pytest.mark.parametrize("from_version", [1, 2])
+
+@pytest.mark.parametrize("from_version", [1, 2, 3])
 def test_an_earlier_database_upgrades_with_work_in_flight(empty_db: Db, tmp_path: Path,
                                                          from_version: int) -> None:
     asyncio.run(_upgrade(empty_db, tmp_path, from_version))

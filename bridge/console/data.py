@@ -23,8 +23,7 @@ from bridge import ops, sql, store
 from bridge.config import Config, redact_url
 from bridge.errors import BridgeError
 from bridge.events import ALL_EVENTS
-
-KeyColumns = tuple[tuple[str, tuple[str, ...]], ...]  # (kind, key columns) per captured table
+from bridge.keys import KeyColumns, key_columns, legacy_key
 
 PAGE_SIZE = 50
 COUNT_CAP = 100_000  # rows the overview counts at most, per query
@@ -47,8 +46,7 @@ class ConsoleSource:
 
     @property
     def key_columns(self) -> KeyColumns:
-        capture = self.config.capture
-        return (("license", capture.licenses.key), ("customer", capture.customers.key))
+        return key_columns(self.config)
 
 
 class SiteUnavailable(BridgeError):
@@ -64,26 +62,29 @@ async def replay(source: ConsoleSource, selection: ops.ReplayFilter) -> ops.Repl
 # --- rendered SQL ------------------------------------------------------------------------------
 
 
-def _key_value(column: str) -> str:
-    """One key column of event `e`, as key_index (console.sql) indexes it: from the json row
-    (schema version 3 on) or the jsonb row of earlier events."""
-    col = sql.quote_literal(column)
-    return f"coalesce(e.row_data ->> {col}, e.row_data_v1 ->> {col})"
+def _key_of(keys: KeyColumns) -> str:
+    """The key of event `e` (bridge/keys.py): event.key, or for an event captured before schema
+    version 4 the same form from its JSON row (as key_legacy_index indexes it)."""
+    return f"coalesce(e.key, {legacy_key(keys, 'e.')})"
 
 
 def _key_match(keys: KeyColumns, param: str) -> str:
-    """`e` matches the key `param` in any key column (literal columns: key_index applies)."""
-    parts = [f"(e.kind = {sql.quote_literal(kind)} "
-             f"AND {_key_value(col)} = {param}::text)"
-             for kind, cols in keys for col in cols]
-    return "(" + " OR ".join(parts) + ")" if parts else "false"
+    """`e` is an event of the key `param` (the value, or the values joined by '|', without the
+    kind): event.key by key_index, earlier events by key_legacy_index."""
+    kinds = [kind for kind, cols in keys if cols]
+    if not kinds:
+        return "false"
+    wanted = "ARRAY[" + ", ".join(f"{sql.quote_literal(k + ':')} || {param}::text"
+                                 for k in kinds) + "]"
+    return (f"(e.key = ANY ({wanted}) OR "
+            f"(e.key IS NULL AND {legacy_key(keys, 'e.')} = ANY ({wanted})))")
 
 
 def _key_show(keys: KeyColumns) -> str:
-    whens = [f"WHEN {sql.quote_literal(kind)} THEN concat_ws(' / ', "
-             + ", ".join(_key_value(c) for c in cols) + ")"
-             for kind, cols in keys if cols]
-    return f"(CASE e.kind {' '.join(whens)} END)" if whens else "NULL::text"
+    """The key as the list shows it and the filter takes it: without the kind."""
+    if not any(cols for _, cols in keys):
+        return "NULL::text"
+    return f"substr({_key_of(keys)}, length(e.kind) + 2)"
 
 
 @functools.cache
