@@ -27,6 +27,7 @@ import asyncpg
 from bridge import sql
 from bridge.config import DatabaseConfig, describe_dsn
 from bridge.connect import connect, exc_line, unreachable
+from bridge.engine.flag import Flag
 from bridge.store import CONNECTION_ERRORS
 
 log = logging.getLogger("bridge.listener")
@@ -42,7 +43,7 @@ def backoff(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:
 
 
 class Listener:
-    def __init__(self, db: DatabaseConfig, wake: asyncio.Event, *,
+    def __init__(self, db: DatabaseConfig, wake: Flag, *,
                  probe_pool: asyncpg.Pool | None = None, keepalive: float = 5.0,
                  reconnect_max_delay: float = 10.0,
                  probe_timeout: float = PROBE_TIMEOUT) -> None:

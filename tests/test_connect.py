@@ -15,6 +15,7 @@ import pytest
 
 from bridge import connect
 from bridge.config import DatabaseConfig
+from bridge.engine.flag import Flag
 from bridge.errors import DatabaseUnavailable
 from bridge.listener import PROBE_PREFIX, Listener
 from tests.support.config import base_config
@@ -150,7 +151,7 @@ async def _probe(db: Db, listen_db: Db | None) -> tuple[bool, str]:
         data["listen_dsn"] = listen_db.dsn
     cfg = DatabaseConfig.model_validate(data)
     pool = await connect.create_pool(cfg, max_size=2)
-    wake = asyncio.Event()
+    wake = Flag()
     listener = Listener(cfg, wake, probe_pool=pool, keepalive=0.1, probe_timeout=0.3)
     assert listener.notifications_ok == (False, "LISTEN connection down")
     listener.start()

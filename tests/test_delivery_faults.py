@@ -233,3 +233,20 @@ async def _refused_registration(db: Db, tmp_path: Path) -> None:
 
 def test_a_database_error_while_registering_is_retried(db: Db, tmp_path: Path) -> None:
     asyncio.run(_refused_registration(db, tmp_path))
+
+
+async def _old_schema(db: Db, tmp_path: Path) -> None:
+    db.execute("DELETE FROM qlm_bridge.version WHERE version = "
+               "(SELECT max(version) FROM qlm_bridge.version)")  # as an earlier release left it
+    proc = DaemonProcess(tmp_path, config_data(db.dsn)).start()
+    try:
+        assert await proc.wait() == 1
+    finally:
+        proc.kill()
+    assert "qlm-bridge install" in proc.log() and "upgrades in place" in proc.log()
+    assert "Traceback" not in proc.log()
+
+
+def test_a_schema_older_than_the_release_exits_1_asking_for_install(db: Db,
+                                                                    tmp_path: Path) -> None:
+    asyncio.run(_old_schema(db, tmp_path))

@@ -4,6 +4,8 @@ policies. The services around them are tested against real PostgreSQL elsewhere.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import UTC, datetime
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from bridge import config as config_mod
 from bridge.clock import FakeClock
 from bridge.engine.completer import breaker_outcomes
+from bridge.engine.flag import Flag, wait_any
 from bridge.engine.gate import NotifyGate, snapshot_has_writers
 from bridge.engine.policy import Policies
 from bridge.engine.slots import Slots
@@ -175,3 +178,38 @@ def test_endpoint_policy_falls_back_key_by_key() -> None:
 def test_endpoint_config_errors_name_the_key(endpoints: dict[str, object], message: str) -> None:
     with pytest.raises(config_mod.ConfigError, match=message):
         _config(endpoints=endpoints)
+
+
+# --- Flag / wait_any (bridge/engine/flag.py) ---------------------------------------------------
+
+def test_wait_any_returns_on_a_set_flag_and_leaves_no_waiter_behind() -> None:
+    async def case() -> None:
+        a, b = Flag(), Flag()
+        assert await wait_any((a, b), 0.01) is False  # nothing set: the timeout
+        asyncio.get_running_loop().call_later(0.01, b.set)
+        assert await wait_any((a, b), 5) is True
+        assert b.is_set() and not a.is_set()
+        assert not a._waiters and not b._waiters  # nothing left registered
+        assert await wait_any((a, b), 5) is True  # already set: at once
+        b.clear()
+        waiter = asyncio.ensure_future(a.wait())
+        await asyncio.sleep(0)
+        a.set()
+        assert await waiter is True
+
+    asyncio.run(case())
+
+
+def test_a_cancelled_wait_any_unregisters() -> None:
+    async def case() -> None:
+        a = Flag()
+        task = asyncio.ensure_future(wait_any((a,), 5))
+        await asyncio.sleep(0)
+        assert len(a._waiters) == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert not a._waiters
+        a.set()  # no error from a cancelled waiter
+
+    asyncio.run(case())

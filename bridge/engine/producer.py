@@ -20,6 +20,7 @@ from bridge.clock import Clock
 from bridge.config import Config
 from bridge.engine.completer import Completer
 from bridge.engine.executor import Executor
+from bridge.engine.flag import Flag, wait_any
 from bridge.engine.gate import NotifyGate
 from bridge.engine.policy import Policies
 from bridge.engine.slots import Slots
@@ -56,7 +57,7 @@ class Producer:
     def __init__(self, store: Store, config: Callable[[], Config],
                  policies: Callable[[], Policies], slots: Slots, gate: NotifyGate,
                  executor: Executor, completer: Completer, metrics: SiteMetrics, clock: Clock,
-                 wake: asyncio.Event) -> None:
+                 wake: Flag) -> None:
         self.store = store
         self.config = config
         self.policies = policies
@@ -67,7 +68,7 @@ class Producer:
         self.metrics = metrics
         self.clock = clock
         self.wake = wake  # set by the listener, reloads, reaping, shutdown
-        self.slot_free = asyncio.Event()
+        self.slot_free = Flag()
         self.urls: list[str] = []  # configured URLs, then URLs with leftover deliveries
         self.more: set[str] = set()  # URLs whose last claim may have left due rows behind
         self.fan_more = True  # the last fan-out was a full batch (or none has run)
@@ -346,16 +347,3 @@ class Producer:
         self.stopping = True
         self.wake.set()
         self.slot_free.set()
-
-
-async def wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> bool:
-    """Wait until one of `events` is set or `timeout` passes; True if one was set."""
-    if any(e.is_set() for e in events):
-        return True
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-    return bool(done)

@@ -22,12 +22,14 @@ from bridge.connect import create_pool, unreachable
 from bridge.dispatch import Dispatcher, close_quietly
 from bridge.engine.completer import Completer
 from bridge.engine.executor import Executor, describe
+from bridge.engine.flag import Flag
 from bridge.engine.gate import NotifyGate
 from bridge.engine.maintenance import Maintenance
 from bridge.engine.policy import Policies
 from bridge.engine.producer import Producer
 from bridge.engine.slots import Slots
 from bridge.errors import BridgeError, ConfigError
+from bridge.install import SCHEMA_VERSION
 from bridge.listener import Listener, backoff
 from bridge.observe import SiteMetrics
 from bridge.store import CONNECTION_ERRORS, Store
@@ -67,7 +69,7 @@ class Site:
         self.metrics = metrics
         self.clock = clock or SystemClock()
         self.w = Wiring(config, Policies(config.webhooks))
-        self.wake = asyncio.Event()
+        self.wake = Flag()
         self.ready = asyncio.Event()
         self.stopping = False
         self.pool: asyncpg.Pool | None = None
@@ -199,8 +201,8 @@ class Site:
         failures = 0
         while True:
             try:
-                await self.store.pool.fetchval(self.store.q["schema_version"])
-                return True
+                version = await self.store.pool.fetchval(self.store.q["schema_version"])
+                return self._schema_matches(version)
             except asyncpg.ClientConfigurationError as exc:
                 raise BridgeError(f"database.dsn: {exc}") from None
             except FATAL_AT_START as exc:
@@ -216,6 +218,21 @@ class Site:
                 log.warning("%s; retrying in %.1f s", self.problem, delay)
                 if await self.sleep_unless_stopping(delay):
                     return False
+
+    def _schema_matches(self, version: int | None) -> bool:
+        """A schema older than this release needs `install` (an upgrade in place) first; one
+        that is newer was installed by a later release, whose daemon should run instead."""
+        name = self.config.database.schema_name
+        if version is None or version < SCHEMA_VERSION:
+            raise BridgeError(
+                f"the bridge schema {name!r} is at version {version}; this release needs "
+                f"version {SCHEMA_VERSION}: run qlm-bridge install --config FILE (it upgrades "
+                "in place and keeps every delivery and the log)")
+        if version > SCHEMA_VERSION:
+            log.warning("the bridge schema %r is at version %d, newer than this release's %d: "
+                        "run the daemon of the release that installed it", name, version,
+                        SCHEMA_VERSION)
+        return True
 
     async def _register(self) -> None:
         """First heartbeat, then refuse to run beside a live daemon that fans out differently
