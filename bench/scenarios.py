@@ -194,7 +194,8 @@ def _deliver_burst(ctx: Ctx, n: int, path: str, log_level: str = "warning",
                 _cpu(ctx, {"daemon": d.pid, "receiver": ctx.rx.proc.pid}) as cpu:
             pg0 = env.postgres_cpu_seconds(ctx.postmaster)
             t0 = workload.burst(dsn, n, f"{path.strip('/').replace('/', '-')}-")
-            insert = env.postgres_cpu_seconds(ctx.postmaster) - pg0  # the writer's, not ours
+            # the writer's, not ours (its backend usually exits before the sample: ~0)
+            insert = env.postgres_cpu_seconds(ctx.postmaster) - pg0
             s = ctx.rx.wait_count(path, n, timeout=max(60, n / 100))
         rss = env.peak_rss_mb(d.pid)
     finally:

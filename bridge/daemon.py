@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -140,6 +141,8 @@ class Daemon:
     async def _watch_ready(self) -> None:
         await asyncio.gather(*(s.ready.wait() for s in self.sites.values()))
         self.ready.set()
+        settle_garbage_collector()
+
 
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent; safe from a signal handler)."""
@@ -222,6 +225,15 @@ class Daemon:
         for site in self.sites.values():
             with contextlib.suppress(Exception):  # a site that is down keeps its last values
                 await site.refresh_gauges()
+
+
+def settle_garbage_collector() -> None:
+    """Exempt everything made while starting (modules, config, pools, sessions: about 70,000
+    objects) from the cyclic garbage collector's full passes. Walking them took ~28 ms on the
+    2-core machine, a pause that every delivery in flight then waited out (P3's worst
+    latencies); they live as long as the daemon anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
