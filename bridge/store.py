@@ -5,6 +5,7 @@ The SQL is in `sql/queries.sql`; this module only binds parameters and shapes re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +15,8 @@ import asyncpg
 
 from bridge import render, sql
 from bridge.payload import Event
+
+log = logging.getLogger("bridge.daemon")
 
 # Failures that mean "the database went away": retry after a back-off, never crash.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -122,7 +125,14 @@ class Store:
         try:
             return _render_claimed(self.fields, rows)
         except render.UnknownColumn:
-            self.fields = await complete_fields(self._fetch, rows)
+            try:
+                self.fields = await complete_fields(self._fetch, rows)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                # these rows are claimed and must go out: a column the map cannot name yet is
+                # sent under its own name this once (the next claim asks again)
+                log.warning("could not read the payload field map (%s); sending unknown "
+                            "columns under their column names", exc)
+                return _render_claimed(_named_as_columns(self.fields, rows), rows)
             return _render_claimed(self.fields, rows)
 
     async def endpoints_init(self, urls: Sequence[str], bursts: Sequence[float]) -> None:
@@ -249,6 +259,15 @@ async def complete_fields(fetch: Fetch, rows: Sequence[Any]) -> render.Fields:
         if cols:
             named = await fetch("field_names", sorted(cols))
             fields = fields.with_columns(kind, {r["col"]: r["field"] for r in named})
+    return fields
+
+
+def _named_as_columns(fields: render.Fields, rows: Sequence[Any]) -> render.Fields:
+    for kind in {r["kind"] for r in rows}:
+        of_kind = [r for r in rows if r["kind"] == kind]
+        cols = fields.missing(kind, [r[c] for r in of_kind
+                                     for c in ("row_data", "old_data", "previous_v1")])
+        fields = fields.with_columns(kind, {c: c for c in cols})
     return fields
 
 
