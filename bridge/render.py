@@ -89,28 +89,41 @@ class UnknownColumn(Exception):
     """A captured row has a column the field map does not know (added after it was read)."""
 
 
+def payload(fields: Fields, kind: str, row: str | None, old: str | None,
+            previous_v1: str | None = None) -> tuple[str, str | None]:
+    """(LicenseInfo / CustomerInfo, Previous) of one event, its row decoded once."""
+    cols = fields.by_kind.get(kind, {})
+    pairs = _DECODER.decode(row) if row else Obj()
+    return _info(cols, pairs), _previous(cols, pairs, old, previous_v1)
+
+
 def info(fields: Fields, kind: str, row: str | None) -> str:
     """The row (a JSON object text) as the payload's LicenseInfo / CustomerInfo text."""
-    if not row:
-        return "{}"
-    cols = fields.by_kind.get(kind, {})
-    return _object(cols, ((k, v, n) for n, (k, v) in enumerate(_DECODER.decode(row))))
+    return payload(fields, kind, row, None)[0]
 
 
 def previous(fields: Fields, kind: str, row: str | None, old: str | None,
              previous_v1: str | None = None) -> str | None:
     """The payload's Previous: old values of the columns an UPDATE changed (`old`: the row
     before it), or of a version-1 event (`previous_v1`); None when there is none."""
-    cols = fields.by_kind.get(kind, {})
+    return payload(fields, kind, row, old, previous_v1)[1]
+
+
+def _info(cols: Mapping[str, Field], pairs: Obj) -> str:
+    return _object(cols, ((k, v, n) for n, (k, v) in enumerate(pairs))) if pairs else "{}"
+
+
+def _previous(cols: Mapping[str, Field], new: Obj, old: str | None,
+              previous_v1: str | None) -> str | None:
     if previous_v1:  # already only the changed columns; no column order was kept
         pairs = sorted(_DECODER.decode(previous_v1), key=lambda kv: kv[0])
         return _object(cols, ((k, v, None) for k, v in pairs)) if pairs else None
     if not old:
         return None
-    new = dict(_DECODER.decode(row)) if row else {}
+    now = dict(new)
     missing = object()
     changed = [(k, v, n) for n, (k, v) in enumerate(_DECODER.decode(old))
-               if new.get(k, missing) != v]
+               if now.get(k, missing) != v]
     return _object(cols, changed) if changed else None
 
 

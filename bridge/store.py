@@ -247,34 +247,39 @@ async def read_fields(fetch: Fetch) -> render.Fields:
     return render.Fields(by_kind)
 
 
-async def complete_fields(fetch: Fetch, rows: Sequence[Any]) -> render.Fields:
-    """The field map read again, plus the naming rule's names for columns of `rows` (claimed
-    rows or events) that it still does not know."""
-    fields = await read_fields(fetch)
+_ROW_COLUMNS = ("row_data", "old_data", "previous_v1")  # what a claimed row or event carries
+
+
+def _unknown(fields: render.Fields, rows: Sequence[Any]) -> dict[str, set[str]]:
+    """Per kind, the columns of `rows` (claimed rows or events) that `fields` does not know."""
+    out = {}
     for kind in {r["kind"] for r in rows}:
-        of_kind = [r for r in rows if r["kind"] == kind]
-        cols = fields.missing(kind, [r["row_data"] for r in of_kind]
-                              + [r["old_data"] for r in of_kind]
-                              + [r["previous_v1"] for r in of_kind])
+        cols = fields.missing(kind, [r[c] for r in rows if r["kind"] == kind
+                                     for c in _ROW_COLUMNS])
         if cols:
-            named = await fetch("field_names", sorted(cols))
-            fields = fields.with_columns(kind, {r["col"]: r["field"] for r in named})
+            out[kind] = cols
+    return out
+
+
+async def complete_fields(fetch: Fetch, rows: Sequence[Any]) -> render.Fields:
+    """The field map read again, plus the naming rule's names for columns of `rows` that it
+    still does not know."""
+    fields = await read_fields(fetch)
+    for kind, cols in _unknown(fields, rows).items():
+        named = await fetch("field_names", sorted(cols))
+        fields = fields.with_columns(kind, {r["col"]: r["field"] for r in named})
     return fields
 
 
 def _named_as_columns(fields: render.Fields, rows: Sequence[Any]) -> render.Fields:
-    for kind in {r["kind"] for r in rows}:
-        of_kind = [r for r in rows if r["kind"] == kind]
-        cols = fields.missing(kind, [r[c] for r in of_kind
-                                     for c in ("row_data", "old_data", "previous_v1")])
+    for kind, cols in _unknown(fields, rows).items():
         fields = fields.with_columns(kind, {c: c for c in cols})
     return fields
 
 
 def rendered(fields: render.Fields, r: Any) -> tuple[str, str | None]:
     """(info, previous) of one event row (columns kind, row_data, old_data, previous_v1)."""
-    return (render.info(fields, r["kind"], r["row_data"]),
-            render.previous(fields, r["kind"], r["row_data"], r["old_data"], r["previous_v1"]))
+    return render.payload(fields, r["kind"], r["row_data"], r["old_data"], r["previous_v1"])
 
 
 def _render_claimed(fields: render.Fields, rows: Sequence[asyncpg.Record]) -> list[Claimed]:

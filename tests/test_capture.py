@@ -289,16 +289,22 @@ def test_customer_writes_notify_too(db: Db, listener: psycopg.Connection[Any]) -
     assert next_notify(listener).channel == "qlm_bridge"
 
 
+def _three_events_then_marker(db: Db, listener: psycopg.Connection[Any]) -> None:
+    """Three captured changes, then a marker NOTIFY: the marker is the first notification
+    (notifications arrive in commit order), so none of the three notified."""
+    db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
+    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
+    db.execute("UPDATE license_keys SET computer_id = 'PC1'")
+    db.execute("NOTIFY qlm_bridge, 'marker'")
+    assert next_notify(listener).payload == "marker"
+    assert len(events(db)) == 3
+
+
 def test_a_fresh_install_does_not_notify(db: Db, listener: psycopg.Connection[Any]) -> None:
     """No daemon has run yet: writers skip NOTIFY (and its commit lock) until one sleeps; its
     first poll finds what was written before."""
     assert db.query("SELECT sleeping, sleeping_until FROM qlm_bridge.runtime") == [(False, None)]
-    db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
-    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
-    db.execute("UPDATE license_keys SET computer_id = 'PC1'")
-    db.execute("NOTIFY qlm_bridge, 'marker'")  # notifications arrive in commit order
-    assert next_notify(listener).payload == "marker"
-    assert len(events(db)) == 3
+    _three_events_then_marker(db, listener)
 
 
 def test_an_expired_sleep_does_not_notify(db: Db, listener: psycopg.Connection[Any]) -> None:
@@ -315,12 +321,7 @@ def test_an_expired_sleep_does_not_notify(db: Db, listener: psycopg.Connection[A
 
 def test_no_notify_while_awake(db: Db, listener: psycopg.Connection[Any]) -> None:
     set_runtime(db, sleeping=False)
-    db.execute("INSERT INTO customers (full_name) VALUES ('Ann')")
-    db.execute("INSERT INTO license_keys (activation_key) VALUES ('K1')")
-    db.execute("UPDATE license_keys SET computer_id = 'PC1'")
-    db.execute("NOTIFY qlm_bridge, 'marker'")  # notifications arrive in commit order
-    assert next_notify(listener).payload == "marker"
-    assert len(events(db)) == 3
+    _three_events_then_marker(db, listener)
 
 
 def test_no_event_no_notify(db: Db, listener: psycopg.Connection[Any]) -> None:

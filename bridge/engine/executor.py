@@ -34,7 +34,7 @@ class Executor:
         self._dispatcher = dispatcher
         self._policy = policy
         self.metrics = metrics
-        self._children: dict[tuple[str, str, str], Any] = {}  # metric children, made lazily
+        self._children: dict[tuple[str, ...], Any] = {}  # metric children, made lazily
         self._end_to_end = metrics.end_to_end.labels()
 
     async def execute(self, c: Claimed) -> Result:
@@ -62,27 +62,19 @@ class Executor:
         return Result(c, state, retry_in, out.status, out.error, started, out.duration_ms,
                       out.response_body)
 
-    def _child(self, name: str, event_type: str, url: str) -> Any:
-        """The child of metric `name` for this event type and URL (created on first use, so a
-        URL that never succeeded has no `delivered` series)."""
-        key = (name, event_type, url)
+    def _child(self, metric: str, *labels: str) -> Any:
+        """The child of `metric` with these labels (created on first use, so a URL that never
+        succeeded has no `delivered` series), looked up once."""
+        key = (metric, *labels)
         found = self._children.get(key)
         if found is None:
-            m = self.metrics
-            found = self._children[key] = {
-                "success": lambda: m.attempts.labels(event_type, url, "success"),
-                "failure": lambda: m.attempts.labels(event_type, url, "failure"),
-                "latency": lambda: m.latency.labels(url),
-                "delivered": lambda: m.delivered.labels(event_type, url),
-                "retried": lambda: m.retried.labels(event_type, url),
-                "failed": lambda: m.failed.labels(event_type, url),
-            }[name]()
+            found = self._children[key] = getattr(self.metrics, metric).labels(*labels)
         return found
 
     def _record(self, c: Claimed, out: Outcome, state: str, retry_in: float | None) -> None:
         ev, url = c.event.event_type, c.url
-        self._child("success" if out.ok else "failure", ev, url).inc()
-        self._child("latency", ev, url).observe(out.duration_ms / 1000)
+        self._child("attempts", ev, url, "success" if out.ok else "failure").inc()
+        self._child("latency", url).observe(out.duration_ms / 1000)
         if out.ok:
             self._child("delivered", ev, url).inc()
             self._end_to_end.observe(max(0.0, (datetime.now(UTC) - c.event.created_at)
